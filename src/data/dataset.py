@@ -1,0 +1,115 @@
+"""From a ``data`` config to split records: the one entry every command uses.
+
+``load_data(cfg.data)`` reads the dataset with its reader (or a cleaned manifest),
+assigns groups from ``group_regex``, rasterises polygon masks once, assigns
+group-aware splits and returns a :class:`DataBundle`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .base import SkipLog, get_reader
+from .records import ClassMap, DataError, Record, load_manifest
+from .splits import assign_splits, split_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    name: str
+    records: list[Record]
+    class_map: ClassMap
+    skipped: SkipLog = field(default_factory=SkipLog)
+    root: Optional[str] = None
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+    def summary(self) -> dict:
+        return {"name": self.name, "root": self.root, "classes": list(self.class_map.classes),
+                "splits": split_summary(self.records), "skipped": self.skipped.summary()}
+
+
+def _get(cfg: Any, key: str, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default) if not hasattr(cfg, "get") else cfg.get(key, default)
+
+
+def _plain(obj):
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+def make_class_map(data_cfg) -> ClassMap:
+    classes = _plain(_get(data_cfg, "classes")) or None
+    aliases = _plain(_get(data_cfg, "aliases")) or {}
+    return ClassMap(classes, aliases) if classes else ClassMap(aliases=aliases)
+
+
+def apply_group_regex(records: list[Record], pattern: Optional[str]) -> None:
+    if not pattern:
+        return
+    rx = re.compile(pattern)
+    for r in records:
+        if r.group is None:
+            m = rx.search(Path(r.image).stem)
+            if m:
+                r.group = m.group(1) if m.groups() else m.group(0)
+
+
+def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) -> DataBundle:
+    """Read, group, rasterise and split a dataset described by a ``data`` config."""
+    class_map = make_class_map(data_cfg)
+    name = str(_get(data_cfg, "name", _get(data_cfg, "reader", "data")))
+    on_error = _get(data_cfg, "on_error", "raise")
+    manifest = _get(data_cfg, "manifest")
+    skipped = SkipLog()
+    if manifest:
+        records = load_manifest(manifest)
+        for r in records:
+            if r.label is not None:
+                r.label = class_map.canonical(r.label, where=str(manifest))
+        root = str(manifest)
+    else:
+        reader_name = _get(data_cfg, "reader")
+        if not reader_name:
+            raise DataError("data.reader is not set (e.g. data=phantom, data=figshare, data=folder)")
+        root = _get(data_cfg, "root")
+        if root in (None, "", "???"):
+            raise DataError(f"data.root is not set for reader {reader_name!r}: pass data.root=/path/to/dataset")
+        options = dict(_plain(_get(data_cfg, "options")) or {})
+        options.setdefault("source", name)
+        if cache_dir:
+            options.setdefault("cache_dir", str(Path(cache_dir) / name))
+        reader = get_reader(reader_name)(root, class_map=class_map, on_error=on_error, **options)
+        records = reader.read()
+        skipped = reader.skipped
+    apply_group_regex(records, _get(data_cfg, "group_regex"))
+    if any(r.polygons and not r.mask for r in records):
+        from .masks import materialise_masks
+        materialise_masks(records, Path(cache_dir or Path(root).parent / ".btmtl_cache") / name / "masks")
+    if assign:
+        split_cfg = _plain(_get(data_cfg, "split")) or {}
+        assign_splits(records,
+                      val_fraction=float(split_cfg.get("val_fraction", 0.15)),
+                      test_fraction=float(split_cfg.get("test_fraction", 0.15)),
+                      seed=int(split_cfg.get("seed", _get(data_cfg, "seed", 42) or 42)),
+                      use_existing=bool(split_cfg.get("use_existing", True)),
+                      carve_test=split_cfg.get("carve_test"))
+    bundle = DataBundle(name=name, records=records, class_map=class_map, skipped=skipped, root=str(root))
+    if len(skipped):
+        log.warning("%s: skipped %d files (%s)", name, len(skipped), skipped.summary(3)["by_reason"])
+    return bundle

@@ -1,0 +1,49 @@
+"""Small reusable heads. Final activations run in float32 under mixed precision."""
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class BoxFromCentreSize(layers.Layer):
+    """Turns raw logits [..., 4] into valid normalised xyxy boxes.
+
+    Centre = sigmoid(logits[:2]), size = sigmoid(logits[2:]) (in (0, 1)); corners are
+    clipped to the image. Because size > 0 and the centre lies strictly inside (0, 1),
+    x_max > x_min and y_max > y_min always hold: a predicted box can never invert.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, logits):
+        logits = ops.cast(logits, "float32")
+        centre = ops.sigmoid(logits[..., :2])
+        size = ops.sigmoid(logits[..., 2:])
+        lo = ops.clip(centre - size / 2.0, 0.0, 1.0)
+        hi = ops.clip(centre + size / 2.0, 0.0, 1.0)
+        return ops.concatenate([lo, hi], axis=-1)
+
+
+def box_head(features, num_slots: int, hidden: int = 128, dropout: float = 0.0, name: str = "boxes"):
+    """One box per class slot: [B, num_slots, 4] valid xyxy boxes."""
+    x = layers.Dense(hidden, activation="relu", name=f"{name}_hidden")(features)
+    if dropout:
+        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    x = layers.Dense(num_slots * 4, name=f"{name}_logits")(x)
+    x = layers.Reshape((num_slots, 4), name=f"{name}_reshape")(x)
+    return BoxFromCentreSize(name=name)(x)
+
+
+def class_head(features, num_classes: int, multilabel: bool = False, hidden: int = 0,
+               dropout: float = 0.0, name: str = "class"):
+    """Softmax (single-label) or sigmoid (multi-label) class probabilities in float32."""
+    x = features
+    if hidden:
+        x = layers.Dense(hidden, activation="relu", name=f"{name}_hidden")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    x = layers.Dense(num_classes, name=f"{name}_logits")(x)
+    return layers.Activation("sigmoid" if multilabel else "softmax", dtype="float32", name=name)(x)

@@ -1,0 +1,45 @@
+"""`python -m src.train [phase=3] [data=...] [model=...] [trainer.max_epochs=...]`
+
+Trains the configured model on the configured data and writes, under the Hydra run
+directory: ``checkpoints/best.keras`` and ``last.keras``, ``metrics.json`` (final
+validation metrics per head) and ``data_summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _config  # noqa: F401  (registers the ${project_root:} resolver)
+from .data.records import DataError
+
+log = logging.getLogger("src.train")
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    from .training.simple import train_simple
+
+    return train_simple(cfg, Path(run_dir))
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    log.info("run dir: %s", run_dir)
+    try:
+        metrics = run(cfg, run_dir)
+    except DataError as e:
+        log.error("data error: %s", e)
+        sys.exit(2)
+    print(json.dumps({"run_dir": str(run_dir), "val_metrics": metrics}, indent=2))
+
+
+if __name__ == "__main__":
+    OmegaConf.register_new_resolver("project_root", lambda: str(_config.PROJECT_ROOT), replace=True)
+    main()

@@ -1,0 +1,1 @@
+"""Training: precision, strategy, the training loop and callbacks."""
