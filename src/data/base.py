@@ -43,13 +43,24 @@ class SkipLog:
         self.items: list[tuple[str, str]] = []
 
     def add(self, path: str, reason: str) -> None:
-        self.items.append((str(path), reason))
+        path = str(path)
+        for prefix in (path + ": ", path + ":"):
+            if reason.startswith(prefix):
+                reason = reason[len(prefix):]
+        self.items.append((path, reason))
+
+    @staticmethod
+    def kind(reason: str) -> str:
+        """The reason without its details: text before the first ' (' or ':'."""
+        import re
+        head = re.split(r" \(|:", reason, maxsplit=1)[0].strip()
+        return re.sub(r"\d+", "N", head) or "error"
 
     def __len__(self) -> int:
         return len(self.items)
 
     def summary(self, max_examples: int = 20) -> dict:
-        by_reason = collections.Counter(r.split(":")[0] for _, r in self.items)
+        by_reason = collections.Counter(self.kind(r) for _, r in self.items)
         return {
             "count": len(self.items),
             "by_reason": dict(by_reason),

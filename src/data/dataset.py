@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .base import SkipLog, get_reader
-from .records import ClassMap, DataError, Record, load_manifest
+from .records import NO_TUMOR, ClassMap, DataError, Record, load_manifest
 from .splits import assign_splits, split_summary
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,23 @@ def apply_group_regex(records: list[Record], pattern: Optional[str]) -> None:
                 r.group = m.group(1) if m.groups() else m.group(0)
 
 
+def mark_healthy_known_empty(records: list[Record]) -> int:
+    """A slice *labelled* tumour-free has no box and an empty mask: mark both known.
+
+    That gives box and segmentation heads true negatives (weight 1, empty target)
+    instead of ignoring healthy slices. Unlabelled images are left unknown.
+    Returns how many records changed.
+    """
+    n = 0
+    for r in records:
+        if r.known.get("label") and r.label == NO_TUMOR and not len(r.boxes):
+            if not (r.known.get("boxes") and r.known.get("mask")):
+                n += 1
+            r.known["boxes"] = True
+            r.known["mask"] = True
+    return n
+
+
 def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) -> DataBundle:
     """Read, group, rasterise and split a dataset described by a ``data`` config."""
     class_map = make_class_map(data_cfg)
@@ -98,6 +115,7 @@ def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) ->
         records = reader.read()
         skipped = reader.skipped
     apply_group_regex(records, _get(data_cfg, "group_regex"))
+    mark_healthy_known_empty(records)
     if any(r.polygons and not r.mask for r in records):
         from .masks import materialise_masks
         materialise_masks(records, Path(cache_dir or Path(root).parent / ".btmtl_cache") / name / "masks")

@@ -16,6 +16,8 @@ Conventions
   ``polygons`` holds normalised polygons (each an ``(K, 2)`` array of x, y in [0, 1]),
   all instances of the image; :func:`src.data.masks.materialise_masks` rasterises them
   into mask files so the pipeline reads one kind of mask.
+* A *known-empty* mask (a tumour-free slice) is ``mask=None`` with ``known["mask"]=True``
+  (and no polygons); the pipeline turns it into an all-zero mask with weight 1.
 * ``known`` says which targets are annotated. An unknown target is *not* a negative:
   the pipeline gives it sample weight 0.
 """
