@@ -59,6 +59,12 @@ metadata row whose image is missing or unreadable, a mask missing or of a differ
 size than its image, an empty mask, an unknown label number, a ``.mat`` file that is
 neither v7.3 nor v5 or has no ``cjdata``.
 
+Options (``data.options``): ``box_source`` (``mask`` | ``labels``, default ``mask``),
+``group_block`` (16), ``cache_dir`` (where converted ``.mat`` slices go), ``workers``
+(thread-pool size), ``intensity_range`` (``[0.5, 99.5]``: percentiles mapped to 0 and 255
+when converting ``.mat`` images), ``source`` (``record.source``, default ``figshare``).
+An unknown option is an error (no silent typos).
+
 Speed: layout a reads the 2,398 masks of the shared copy in a thread pool (option
 ``workers``) in about 1-2 s, so nothing is cached for it.
 """

@@ -30,10 +30,12 @@ stored on the reader, put in records or left in an error message: every message 
 every log line or print made during the download (including urllib3's request logs,
 which carry ``?api_key=...`` URLs) has the key replaced by ``***``.
 
-Offline, the reader fails fast: before calling the package (which retries), it opens a
-TCP connection to the API host (``API_URL`` from the environment, as the package uses,
-default ``https://api.roboflow.com``) with a short timeout, and on failure says how to
-read a local copy instead (``data=coco data.root=/path/to/export``).
+Offline, the reader fails fast: before calling the package (which retries its key check
+five times), it opens a TCP connection to the API host (``API_URL`` from the environment,
+as the package uses, default ``https://api.roboflow.com``; name resolution included) within
+``timeout`` seconds, then validates the key with one bounded request (a refused key, or a
+proxy/captive portal answering instead of Roboflow, fails at once). Every failure says how
+to read a local copy instead (``data=coco data.root=/path/to/export``).
 """
 from __future__ import annotations
 
@@ -284,6 +286,11 @@ class RoboflowReader(Reader):
                 f"cannot download Roboflow dataset {self.slug}: the Roboflow API at {url} is not reachable "
                 f"({why}); offline or behind a firewall? {self._local_hint()}", key))
 
+        with redacted_output(key):
+            why = self._preflight(url, key)
+        if why is not None:
+            raise DataError(redact(f"cannot download Roboflow dataset {self.slug}: {why}", key))
+
         parent = self.root.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +311,8 @@ class RoboflowReader(Reader):
                 except Exception as e:  # the package raises RuntimeError, RoboflowError, requests errors ...
                     error = f"{e.__class__.__name__}: {e}"
             if error is None and not self.present(tmp):
-                error = f"the downloaded archive holds no '{self.format}' export ({sorted(p.name for p in tmp.iterdir())})"
+                found = sorted(p.name for p in tmp.iterdir())
+                error = f"the downloaded archive holds no '{self.format}' export ({found})"
             if error is None:
                 self._move_into_place(tmp)
         finally:
@@ -319,6 +327,28 @@ class RoboflowReader(Reader):
         self.downloaded = True
         log.info("downloaded Roboflow dataset %s into %s", self.slug, self.root)
         return self.root
+
+    def _preflight(self, url: str, key: str) -> Optional[str]:
+        """Validate the key with one bounded request (the package's own check retries 5 times
+        on any non-200 answer, e.g. from a proxy or captive portal). None when all is well."""
+        import requests
+
+        try:
+            resp = requests.post(url.rstrip("/") + "/?api_key=" + key, timeout=(self.timeout, 3 * self.timeout + 10))
+        except requests.RequestException as e:
+            return (f"the Roboflow API at {url} is not reachable ({e.__class__.__name__}: {e}); offline or behind "
+                    f"a firewall? {self._local_hint()}")
+        if resp.status_code in (401, 403):
+            return (f"Roboflow refused the API key (HTTP {resp.status_code}: {resp.text[:300]}). Check {KEY_ENV} "
+                    "(environment or .env).")
+        try:
+            ok = resp.status_code == 200 and isinstance(resp.json(), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            return (f"the Roboflow API at {url} is not reachable: it answered HTTP {resp.status_code} "
+                    f"{resp.text[:200]!r}, not a Roboflow reply (a proxy or captive portal?). {self._local_hint()}")
+        return None
 
     def _move_into_place(self, tmp: Path) -> None:
         if not self.root.exists():
