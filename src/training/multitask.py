@@ -1,0 +1,147 @@
+"""One multi-task Keras model class for every architecture.
+
+:class:`MultiTaskModel` wraps a functional ``network`` whose outputs are a dict keyed by
+head name and overrides ``compute_loss`` so per-head losses, per-head sample weights
+(unknown targets have weight 0), phase loss weights and loss balancing (static, EMA,
+uncertainty; see :mod:`src.losses.balancing`) all live in one place. Per-head losses are
+reported as metrics (``<head>_loss``) every epoch.
+
+A head whose loss weight is 0 in a phase is not computed at all, so a phase that trains
+only the box head pays nothing for the others.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import keras
+from keras import ops
+
+from ..losses import get_loss
+from ..losses.balancing import LossBalancer
+
+
+def _build_loss(spec):
+    if isinstance(spec, keras.losses.Loss):
+        return spec
+    if isinstance(spec, str):
+        return get_loss(spec)
+    if isinstance(spec, Mapping):
+        if "class_name" in spec and "config" in spec:
+            return keras.saving.deserialize_keras_object(spec)
+        spec = dict(spec)
+        return get_loss(spec.pop("name"), **spec)
+    raise TypeError(f"cannot build a loss from {spec!r}")
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class MultiTaskModel(keras.Model):
+    """A functional multi-head network + per-head losses + loss balancing.
+
+    Args:
+        network: functional model whose outputs are a dict ``{head: tensor}``.
+        head_losses: ``{head: loss}`` (a Loss, a name for :func:`src.losses.get_loss`, or
+            ``{"name": ..., **kwargs}``). Heads without a loss are outputs only.
+        loss_weights: ``{head: weight}`` (default 1); changeable per phase with
+            :meth:`set_loss_weights`.
+        balancing: ``static`` | ``ema`` | ``uncertainty``.
+        ema_beta: EMA decay for ``balancing="ema"``.
+    """
+
+    def __init__(self, network: keras.Model, head_losses: Mapping, loss_weights: Optional[Mapping] = None,
+                 balancing: str = "static", ema_beta: float = 0.99, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(network, Mapping):
+            network = keras.saving.deserialize_keras_object(network)
+        self.network = network
+        out_names = set(self.output_names_of(network))
+        missing = set(head_losses) - out_names
+        if missing:
+            raise ValueError(f"losses given for heads the network does not output: {sorted(missing)}; "
+                             f"outputs are {sorted(out_names)}")
+        self.head_losses = {h: _build_loss(spec) for h, spec in head_losses.items()}
+        self.heads = list(self.head_losses)
+        self.balancer = LossBalancer(self.heads, mode=balancing, beta=ema_beta, weights=loss_weights,
+                                     name="loss_balancer")
+        self._static_weights = {h: float((loss_weights or {}).get(h, 1.0)) for h in self.heads}
+        self.head_loss_trackers = {h: keras.metrics.Mean(name=f"{h}_loss") for h in self.heads}
+
+    @staticmethod
+    def output_names_of(network) -> list:
+        out = network.output
+        if isinstance(out, Mapping):
+            return list(out)
+        return list(getattr(network, "output_names", []) or [])
+
+    def build(self, input_shape=None):
+        # the wrapped network is already built; the balancer creates its state in __init__
+        self.balancer.built = True
+        self.built = True
+
+    # ---- forward --------------------------------------------------------------------
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    # ---- weights per phase ----------------------------------------------------------
+    def set_loss_weights(self, weights: Mapping[str, float]) -> None:
+        """Change per-head loss weights (e.g. per phase). A weight of 0 skips that head's loss."""
+        self.balancer.set_weights_for(weights)
+        self._static_weights.update({h: float(w) for h, w in weights.items()})
+
+    @property
+    def active_heads(self) -> list:
+        return [h for h in self.heads if self._static_weights.get(h, 1.0) != 0.0]
+
+    # ---- loss -----------------------------------------------------------------------
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if y is None:
+            raise ValueError("MultiTaskModel needs targets: a dict {head: target}")
+        per_head = {}
+        for h in self.active_heads:
+            if h not in y:
+                raise ValueError(f"no target for head {h!r}; the dataset yields {sorted(y)}")
+            sw = None
+            if isinstance(sample_weight, Mapping):
+                sw = sample_weight.get(h)
+            per_head[h] = ops.cast(self.head_losses[h](y[h], y_pred[h], sample_weight=sw), "float32")
+            self.head_loss_trackers[h].update_state(per_head[h])
+        total = self.balancer(per_head, training=training) if per_head else ops.zeros((), "float32")
+        if self.losses:
+            total = total + ops.cast(ops.sum(self.losses), "float32")
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if isinstance(y, Mapping) and isinstance(y_pred, Mapping):
+            # compiled metrics see only the heads the network outputs
+            y = {k: v for k, v in y.items() if k in y_pred}
+            if isinstance(sample_weight, Mapping):
+                sample_weight = {k: v for k, v in sample_weight.items() if k in y_pred}
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    @property
+    def metrics(self):
+        base = list(super().metrics)
+        return base + [t for t in self.head_loss_trackers.values() if all(t is not b for b in base)]
+
+    # ---- serialisation --------------------------------------------------------------
+    def get_config(self):
+        return {
+            "name": self.name,
+            "network": keras.saving.serialize_keras_object(self.network),
+            "head_losses": {h: keras.saving.serialize_keras_object(l) for h, l in self.head_losses.items()},
+            "loss_weights": dict(self._static_weights),
+            "balancing": self.balancer.mode,
+            "ema_beta": self.balancer.beta,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["network"] = keras.saving.deserialize_keras_object(config["network"], custom_objects=custom_objects)
+        return cls(**config)
+
+    def inference_model(self, heads=None) -> keras.Model:
+        """The bare functional network (optionally only some heads): for export/predict."""
+        if heads is None:
+            return self.network
+        outs = {h: self.network.output[h] for h in heads}
+        return keras.Model(self.network.input, outs, name=f"{self.network.name}_inference")
