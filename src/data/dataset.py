@@ -53,6 +53,13 @@ def _plain(obj):
     return obj
 
 
+def reader_options(reader_cls) -> set:
+    """Option names a reader class accepts (its ``OPTIONS`` or its module's)."""
+    import sys
+
+    return set(getattr(reader_cls, "OPTIONS", ()) or getattr(sys.modules[reader_cls.__module__], "OPTIONS", ()))
+
+
 def make_class_map(data_cfg) -> ClassMap:
     classes = _plain(_get(data_cfg, "classes")) or None
     aliases = _plain(_get(data_cfg, "aliases")) or {}
@@ -109,9 +116,10 @@ def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) ->
             raise DataError(f"data.root is not set for reader {reader_name!r}: pass data.root=/path/to/dataset")
         options = dict(_plain(_get(data_cfg, "options")) or {})
         options.setdefault("source", name)
-        if cache_dir:
+        reader_cls = get_reader(reader_name)
+        if cache_dir and "cache_dir" in reader_options(reader_cls):
             options.setdefault("cache_dir", str(Path(cache_dir) / name))
-        reader = get_reader(reader_name)(root, class_map=class_map, on_error=on_error, **options)
+        reader = reader_cls(root, class_map=class_map, on_error=on_error, **options)
         records = reader.read()
         skipped = reader.skipped
     apply_group_regex(records, _get(data_cfg, "group_regex"))
