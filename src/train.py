@@ -1,8 +1,9 @@
 """`python -m src.train [phase=3] [data=...] [model=...] [trainer.max_epochs=...]`
 
-Trains the configured model on the configured data and writes, under the Hydra run
-directory: ``checkpoints/best.keras`` and ``last.keras``, ``metrics.json`` (final
-validation metrics per head) and ``data_summary.json``.
+Trains the configured model on the configured data, phase by phase (see
+:mod:`src.training.engine`), and writes under the Hydra run directory, per phase,
+``phase<N>/checkpoints/best.keras`` and ``last.keras``, ``metrics.json``, ``history.csv``
+and TensorBoard logs, plus an MLflow run.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ log = logging.getLogger("src.train")
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    from .training.simple import train_simple
+    from .training.engine import train
 
-    return train_simple(cfg, Path(run_dir))
+    return train(cfg, Path(run_dir))
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -11,7 +11,7 @@ import importlib
 from typing import Callable
 
 _MODELS: dict[str, Callable] = {}
-_MODULES = ("small_cnn",)
+_MODULES = ("small_cnn", "detector")
 
 
 def register_model(name: str):

@@ -87,27 +87,48 @@ class MultiTaskModel(keras.Model):
         self.balancer.set_weights_for(weights)
         self._static_weights.update({h: float(w) for h, w in weights.items()})
 
+    def freeze_inactive_heads(self) -> list:
+        """Freeze the layers of heads whose loss weight is 0 (``<head>`` and ``<head>_*``),
+        unfreeze those of active heads; returns the frozen layer names."""
+        frozen = []
+        for layer in self.network.layers:
+            for h in self.heads:
+                if layer.name == h or layer.name.startswith(h + "_"):
+                    layer.trainable = h in self.active_heads
+                    if not layer.trainable:
+                        frozen.append(layer.name)
+        return frozen
+
     @property
     def active_heads(self) -> list:
         return [h for h in self.heads if self._static_weights.get(h, 1.0) != 0.0]
 
     # ---- loss -----------------------------------------------------------------------
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Per-head masked losses -> balancer -> one scalar.
+
+        Under a distribution strategy our losses come back scaled by 1/R (R replicas) so
+        that summed replica gradients average. The balancer (EMA means, uncertainty
+        terms) and the per-head metrics must see *unscaled* losses, so each head's loss is
+        multiplied by R first and the balanced total divided by R again.
+        """
+        import tensorflow as tf
+
         if y is None:
             raise ValueError("MultiTaskModel needs targets: a dict {head: target}")
+        replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
         per_head = {}
         for h in self.active_heads:
             if h not in y:
                 raise ValueError(f"no target for head {h!r}; the dataset yields {sorted(y)}")
-            sw = None
-            if isinstance(sample_weight, Mapping):
-                sw = sample_weight.get(h)
-            per_head[h] = ops.cast(self.head_losses[h](y[h], y_pred[h], sample_weight=sw), "float32")
-            self.head_loss_trackers[h].update_state(per_head[h])
+            sw = sample_weight.get(h) if isinstance(sample_weight, Mapping) else None
+            value = ops.cast(self.head_losses[h](y[h], y_pred[h], sample_weight=sw), "float32") * replicas
+            per_head[h] = value
+            self.head_loss_trackers[h].update_state(value)
         total = self.balancer(per_head, training=training) if per_head else ops.zeros((), "float32")
         if self.losses:
             total = total + ops.cast(ops.sum(self.losses), "float32")
-        return total
+        return total / replicas
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if isinstance(y, Mapping) and isinstance(y_pred, Mapping):
@@ -119,8 +140,11 @@ class MultiTaskModel(keras.Model):
 
     @property
     def metrics(self):
-        base = list(super().metrics)
-        return base + [t for t in self.head_loss_trackers.values() if all(t is not b for b in base)]
+        # only heads that learn in this phase report a loss (Keras may track them itself)
+        inactive = {id(t) for h, t in self.head_loss_trackers.items() if h not in self.active_heads}
+        base = [m for m in super().metrics if id(m) not in inactive]
+        trackers = [self.head_loss_trackers[h] for h in self.active_heads]
+        return base + [t for t in trackers if all(t is not b for b in base)]
 
     # ---- serialisation --------------------------------------------------------------
     def get_config(self):
@@ -145,3 +169,18 @@ class MultiTaskModel(keras.Model):
             return self.network
         outs = {h: self.network.output[h] for h in heads}
         return keras.Model(self.network.input, outs, name=f"{self.network.name}_inference")
+
+
+def load_checkpoint(path) -> MultiTaskModel:
+    """Load a ``.keras`` checkpoint of this library (registers every custom object first)."""
+    from pathlib import Path
+
+    from .. import losses as _losses  # noqa: F401
+    from ..models import layers as _layers, list_models  # noqa: F401
+    from . import metrics as _metrics  # noqa: F401
+
+    list_models()  # imports every architecture module (their custom layers)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return keras.saving.load_model(path)

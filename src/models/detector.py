@@ -1,0 +1,67 @@
+"""Transfer-learning detector and classifier over any registered backbone.
+
+``resnet101_detector``: a ResNet101 feature pyramid, a class head (softmax over the
+classes, or one sigmoid per class with ``multilabel: true``, output ``multilabel``) and
+a box head with one box per class slot (slot k always means class k), valid by
+construction. ``detector`` is the same over any backbone; ``classifier`` has the class
+head only (plain transfer learning, the backbones the seed projects compared).
+"""
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from .backbones import create_backbone
+from .heads import box_head, class_head
+from .layers import Preprocess
+from .registry import register_model
+
+
+def _shape(image_size) -> tuple:
+    if isinstance(image_size, int):
+        return (image_size, image_size, 3)
+    return (int(image_size[0]), int(image_size[1]), 3)
+
+
+def _backbone_features(backbone: str, image_size, weights, level: str = "P5"):
+    shape = _shape(image_size)
+    bb = create_backbone(backbone, shape, weights=weights)
+    bb.model.name = "backbone"
+    inputs = keras.Input(shape, name="image")
+    x = Preprocess(bb.preprocessing, name="preprocess")(inputs)
+    feats = bb.model(x)
+    return inputs, feats[level], bb
+
+
+@register_model("detector")
+def detector(num_classes: int = 4, image_size=224, backbone: str = "resnet101", weights=None,
+             multilabel: bool = False, dropout: float = 0.3, hidden: int = 256, box_channels: int = 64,
+             heads=("class", "boxes"), **_ignored) -> keras.Model:
+    inputs, p5, _ = _backbone_features(backbone, image_size, weights)
+    outputs = {}
+    class_key = "multilabel" if multilabel else "class"
+    if "class" in heads or "multilabel" in heads:
+        pooled = layers.GlobalAveragePooling2D(name="class_pool")(p5)
+        outputs[class_key] = class_head(pooled, num_classes, multilabel=multilabel, hidden=hidden,
+                                        dropout=dropout, name=class_key)
+    if "boxes" in heads:
+        # keep the spatial layout for localisation: 1x1 reduce, flatten, dense
+        b = layers.Conv2D(box_channels, 1, activation="relu", name="boxes_reduce")(p5)
+        b = layers.Flatten(name="boxes_flatten")(b)
+        outputs["boxes"] = box_head(b, num_classes, hidden=hidden, dropout=dropout)
+    return keras.Model(inputs, outputs, name=f"{backbone}_detector")
+
+
+@register_model("resnet101_detector")
+def resnet101_detector(backbone: str = "resnet101", **cfg) -> keras.Model:
+    return detector(backbone=backbone, **cfg)
+
+
+@register_model("classifier")
+def classifier(num_classes: int = 4, image_size=224, backbone: str = "resnet50", weights=None,
+               multilabel: bool = False, dropout: float = 0.3, hidden: int = 0, **_ignored) -> keras.Model:
+    inputs, p5, _ = _backbone_features(backbone, image_size, weights)
+    pooled = layers.GlobalAveragePooling2D(name="class_pool")(p5)
+    key = "multilabel" if multilabel else "class"
+    out = class_head(pooled, num_classes, multilabel=multilabel, hidden=hidden, dropout=dropout, name=key)
+    return keras.Model(inputs, {key: out}, name=f"{backbone}_classifier")

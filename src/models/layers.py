@@ -1,0 +1,42 @@
+"""Small serialisable layers shared by architectures."""
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+_IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class Preprocess(layers.Layer):
+    """Backbone input scaling inside the model, from [0, 1] RGB images.
+
+    Models of this library take [0, 1] images; the scaling a pretrained backbone expects
+    happens here, so training, prediction and exported models agree by construction.
+    ``caffe``: RGB->BGR, x*255 - ImageNet mean (ResNet, VGG); ``tf``: x*2-1 (ResNetV2,
+    MobileNetV2); ``torch``: (x - mean) / std; ``none``: identity.
+    """
+
+    def __init__(self, mode: str = "none", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"preprocessing must be one of {PREPROCESS_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        if self.mode == "none":
+            return x
+        if self.mode == "tf":
+            return x * 2.0 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_IMAGENET_MEAN_RGB, x.dtype)
+            std = ops.convert_to_tensor(_IMAGENET_STD_RGB, x.dtype)
+            return (x - mean) / std
+        # caffe: BGR, 0..255, minus the ImageNet mean (in BGR order)
+        bgr = ops.flip(x, axis=-1) * 255.0
+        return bgr - ops.convert_to_tensor([103.939, 116.779, 123.68], x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}

@@ -1,0 +1,375 @@
+"""The training engine: phases, checkpoints, resume, tracking.
+
+``train(cfg, run_dir)`` runs the phases that ``cfg.phase`` names (``1``, ``2``, ``3`` or
+``all``) from the model config's ``phases`` table. Each phase sets which heads learn
+(loss weights), what of the backbone is trainable, the learning rate and the epochs, and
+starts from the previous phase's best checkpoint. A single later phase (``phase=3``)
+starts from the newest checkpoint of the phase before it under ``paths.output_root`` for
+the same model and data, and says which; without one it starts from the initial weights
+with a warning.
+
+Per phase, under ``<run_dir>/phase<N>/``: ``checkpoints/best.keras`` and ``last.keras``
+(optimizer state included), ``state.json`` (completed epochs, best value), ``history.csv``,
+``metrics.json`` (validation metrics of the best checkpoint per head) and TensorBoard logs.
+``<run_dir>/metrics.json`` holds the last phase's metrics, ``run_info.json`` what the run
+was. ``trainer.resume=true`` continues the newest (or ``trainer.resume_dir``) run of the
+same model and data: finished phases are skipped, the interrupted one continues from its
+``last.keras`` at the saved epoch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+RUN_INFO = "run_info.json"
+
+
+# ---------------------------------------------------------------------------------------
+# phases
+# ---------------------------------------------------------------------------------------
+def phase_table(model_cfg: dict) -> dict:
+    phases = model_cfg.get("phases") or {"1": {}}
+    return {str(k): dict(v or {}) for k, v in phases.items()}
+
+
+def phases_to_run(phase, table: dict) -> list:
+    names = sorted(table, key=lambda s: (len(s), s))
+    if str(phase).lower() == "all":
+        return names
+    if str(phase) not in table:
+        raise ValueError(f"phase={phase!r} is not defined for this model; phases: {names} or 'all'")
+    return [str(phase)]
+
+
+def previous_phase(phase: str, table: dict) -> Optional[str]:
+    names = sorted(table, key=lambda s: (len(s), s))
+    i = names.index(phase)
+    return names[i - 1] if i > 0 else None
+
+
+def find_phase_checkpoint(output_root: Path, model_name: str, data_name: str, phase: str,
+                          exclude: Optional[Path] = None) -> Optional[Path]:
+    """Newest ``best.keras`` of ``phase`` under ``output_root`` for the same model and data."""
+    best, best_t = None, -1.0
+    for info_path in Path(output_root).rglob(RUN_INFO):
+        run = info_path.parent
+        if exclude is not None and run.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("model") != model_name or info.get("data") != data_name:
+            continue
+        ckpt = run / f"phase{phase}" / "checkpoints" / "best.keras"
+        done = run / f"phase{phase}" / "metrics.json"
+        if ckpt.is_file() and done.is_file() and ckpt.stat().st_mtime > best_t:
+            best, best_t = ckpt, ckpt.stat().st_mtime
+    return best
+
+
+def find_resume_run(output_root: Path, model_name: str, data_name: str, exclude: Path) -> Optional[Path]:
+    runs = []
+    for info_path in Path(output_root).rglob(RUN_INFO):
+        if info_path.parent.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("model") == model_name and info.get("data") == data_name:
+            runs.append((info_path.stat().st_mtime, info_path.parent))
+    return max(runs)[1] if runs else None
+
+
+# ---------------------------------------------------------------------------------------
+# model building
+# ---------------------------------------------------------------------------------------
+def multi_hot_matrix(records, class_map):
+    """[N, C] multi-hot labels of ``records`` ({label} + box classes) and a [N] known mask."""
+    mh = np.zeros((len(records), class_map.num_classes), np.float32)
+    known = np.zeros(len(records), bool)
+    for i, r in enumerate(records):
+        if not r.known.get("label"):
+            continue
+        for name in {r.label, *r.box_classes}:
+            j = class_map.index(name)
+            if j >= 0:
+                mh[i, j] = 1.0
+        known[i] = True
+    return mh, known
+
+
+def build_model(model_cfg: dict, class_map, image_size, train_records=None):
+    """Network from the registry wrapped in a :class:`MultiTaskModel` with its losses."""
+    from ..losses import class_weights_from_labels
+    from ..models import create_model
+    from .multitask import MultiTaskModel
+
+    cfg = dict(model_cfg)
+    name = cfg.pop("name")
+    losses = dict(cfg.pop("losses", None) or {})
+    for key in ("phases", "balancing", "ema_beta", "loss_weights", "preprocessing", "class_weighting"):
+        cfg.pop(key, None)
+    network = create_model(name, num_classes=class_map.num_classes, image_size=image_size, **cfg)
+    outputs = list(network.output)
+    head_losses = {}
+    for head in outputs:
+        spec = losses.get(head)
+        if spec is None:
+            continue
+        spec = dict(spec) if isinstance(spec, dict) else {"name": spec}
+        if spec.get("name") == "weighted_bce" and spec.get("pos_weights") is None and train_records is not None:
+            mh, known = multi_hot_matrix(train_records, class_map)
+            pos, neg = class_weights_from_labels(mh, mode=model_cfg.get("class_weighting", "balanced"), mask=known)
+            spec.update(pos_weights=pos, neg_weights=neg)
+            log.info("weighted BCE from %d training labels: pos=%s neg=%s", int(known.sum()),
+                     np.round(pos, 3).tolist(), np.round(neg, 3).tolist())
+        head_losses[head] = spec
+    if not head_losses:
+        raise ValueError(f"model {name!r}: no losses configured for its outputs {outputs}")
+    return MultiTaskModel(network, head_losses, loss_weights=model_cfg.get("loss_weights"),
+                          balancing=model_cfg.get("balancing", "static"),
+                          ema_beta=float(model_cfg.get("ema_beta", 0.99)),
+                          name=f"{name}")
+
+
+def backbone_of(model, model_cfg: dict):
+    """The :class:`Backbone` view of a model's nested backbone, or None."""
+    from ..models.backbones import Backbone
+
+    try:
+        sub = model.network.get_layer("backbone")
+    except ValueError:
+        return None
+    name = model_cfg.get("backbone")
+    if not name:
+        return None
+    return Backbone(name, sub, input_shape=tuple(sub.input.shape[1:]))
+
+
+def apply_unfreeze(model, model_cfg: dict, spec) -> Optional[dict]:
+    from .unfreeze import set_trainable
+
+    if not spec:
+        return None
+    bb = backbone_of(model, model_cfg)
+    if bb is None:
+        log.info("unfreeze: model has no backbone; every layer trains")
+        return None
+    summary = set_trainable(bb, OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
+    log.info("unfreeze %s: %d/%d backbone layers trainable, %s trainable params (first: %s)", dict(spec),
+             summary["trainable_layers"], summary["total_layers"], f"{summary['trainable_params']:,}",
+             summary.get("first_trainable_layer"))
+    return summary
+
+
+def make_optimizer(trainer: dict, learning_rate: float, total_steps: int):
+    import keras
+
+    schedule = trainer.get("schedule", "constant")
+    lr = learning_rate
+    if schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, total_steps), alpha=0.05)
+    elif schedule not in ("constant", "plateau"):
+        raise ValueError(f"trainer.schedule must be constant | cosine | plateau, got {schedule!r}")
+    kw = {"learning_rate": lr}
+    if trainer.get("clip_norm"):
+        kw["global_clipnorm"] = float(trainer["clip_norm"])
+    name = trainer.get("optimizer", "adamw")
+    if name == "adam":
+        return keras.optimizers.Adam(**kw)
+    if name == "adamw":
+        return keras.optimizers.AdamW(weight_decay=float(trainer.get("weight_decay") or 0.0), **kw)
+    if name == "sgd":
+        return keras.optimizers.SGD(momentum=0.9, weight_decay=trainer.get("weight_decay") or None, **kw)
+    raise ValueError(f"trainer.optimizer must be adam | adamw | sgd, got {name!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------
+def _steps(n_records: int, batch_size: int, cap) -> int:
+    n = max(1, int(np.ceil(n_records / batch_size)))
+    return min(n, int(cap)) if cap else n
+
+
+def _monitor_mode(monitor: str) -> str:
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    import keras
+
+    from ..data.dataset import load_data
+    from ..data.pipeline import build_dataset
+    from ..tracking import Tracker, flatten_config
+    from .callbacks import BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, load_epoch_state
+    from .metrics import head_metrics
+    from .multitask import load_checkpoint
+    from .precision import resolve_jit, set_precision
+    from .strategy import describe_strategy, get_strategy
+
+    run_dir = Path(run_dir)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    output_root = Path(cfg.paths.output_root)
+    model_name, data_name = model_cfg["name"], data_cfg["name"]
+    table = phase_table(model_cfg)
+    phases = phases_to_run(cfg.phase, table)
+
+    if trainer.get("resume"):
+        target = Path(trainer["resume_dir"]) if trainer.get("resume_dir") else \
+            find_resume_run(output_root, model_name, data_name, exclude=run_dir)
+        if target is None or not (target / RUN_INFO).is_file():
+            raise FileNotFoundError(f"trainer.resume=true but no earlier run of model={model_name} data={data_name} "
+                                    f"under {output_root} (or set trainer.resume_dir=<run dir>)")
+        log.info("resuming run %s", target)
+        print(f"resuming run {target}")
+        run_dir = target
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    keras.utils.set_random_seed(int(cfg.seed))
+    policy = set_precision(trainer.get("precision", "auto"))
+    jit = resolve_jit(trainer.get("jit_compile", "auto"))
+    strategy = get_strategy(trainer.get("strategy", "auto"))
+    log.info("precision=%s jit_compile=%s strategy=%s", policy, jit, describe_strategy(strategy))
+
+    bundle = load_data(cfg.data, cache_dir=cfg.paths.cache_dir)
+    train_recs, val_recs = bundle.split("train"), bundle.split("val")
+    if not train_recs or not val_recs:
+        raise ValueError(f"need train and val splits, got {len(train_recs)} train / {len(val_recs)} val records")
+    (run_dir / "data_summary.json").write_text(json.dumps(bundle.summary(), indent=2))
+    info = {"model": model_name, "data": data_name, "phases": phases, "classes": list(bundle.class_map.classes),
+            "image_size": data_cfg["image_size"], "precision": policy, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    # the model decides its own preprocessing (inside the network): the pipeline yields [0, 1]
+    data_cfg["preprocessing"] = "none" if data_cfg.get("preprocessing", "auto") == "auto" else data_cfg["preprocessing"]
+    data_cfg["seed"] = int(cfg.seed)
+    batch = int(data_cfg["batch_size"])
+    steps = _steps(len(train_recs), batch, trainer.get("steps_per_epoch"))
+    val_steps = _steps(len(val_recs), batch, trainer.get("validation_steps"))
+
+    with strategy.scope():
+        probe = build_model(model_cfg, bundle.class_map, data_cfg["image_size"], train_records=train_recs)
+    heads = list(probe.network.output)
+    # a capped epoch (steps_per_epoch) walks a repeated stream instead of running dry
+    train_ds = build_dataset(train_recs, bundle.class_map, {**data_cfg, "repeat": bool(trainer.get("steps_per_epoch"))},
+                             training=True, heads=heads)
+    val_ds = build_dataset(val_recs, bundle.class_map, data_cfg, training=False, heads=heads)
+    monitor = trainer.get("monitor", "val_loss")
+
+    tracker = Tracker(cfg.tracking, run_dir)
+    run_name = (cfg.tracking.get("run_name") if "tracking" in cfg else None) or f"{model_name}-{data_name}-phase{cfg.phase}"
+    all_metrics: dict = {}
+    init_ckpt: Optional[Path] = None
+    first = phases[0]
+    prev = previous_phase(first, table)
+    if prev is not None and str(cfg.phase).lower() != "all":
+        init_ckpt = find_phase_checkpoint(output_root, model_name, data_name, prev, exclude=run_dir)
+        if init_ckpt is not None:
+            msg = f"phase {first}: starting from the phase-{prev} checkpoint {init_ckpt}"
+            log.info(msg)
+        else:
+            msg = (f"phase {first}: no phase-{prev} checkpoint of model={model_name} data={data_name} under "
+                   f"{output_root}; starting from the initial weights (run phase={prev} or phase=all first)")
+            log.warning(msg)
+        print(msg)
+        info["initial_checkpoint"] = str(init_ckpt) if init_ckpt else None
+        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+
+    with tracker.start(run_name, params=flatten_config(OmegaConf.to_container(cfg, resolve=True)),
+                       tags={"model": model_name, "data": data_name, "phase": str(cfg.phase)}):
+        for phase in phases:
+            pcfg = table[phase]
+            pdir = run_dir / f"phase{phase}"
+            ckdir = pdir / "checkpoints"
+            if (pdir / "metrics.json").is_file() and trainer.get("resume"):
+                log.info("phase %s already finished in %s: skipped", phase, pdir)
+                all_metrics[phase] = json.loads((pdir / "metrics.json").read_text())
+                init_ckpt = ckdir / "best.keras"
+                continue
+            pdir.mkdir(parents=True, exist_ok=True)
+            # a phase's own epochs, capped by trainer.max_epochs (so a CLI override always limits)
+            epochs = min(int(pcfg.get("epochs") or trainer["max_epochs"]), int(trainer["max_epochs"]))
+            lr = float(pcfg.get("learning_rate") or trainer["learning_rate"])
+            state = load_epoch_state(pdir / "state.json") if trainer.get("resume") else None
+            resume_from = ckdir / "last.keras" if state and (ckdir / "last.keras").is_file() else None
+            with strategy.scope():
+                if resume_from is not None:
+                    model = load_checkpoint(resume_from)
+                    log.info("phase %s: resuming from %s at epoch %d", phase, resume_from, state["epoch"])
+                    print(f"phase {phase}: resuming from {resume_from} at epoch {state['epoch']}")
+                elif init_ckpt is not None:
+                    model = load_checkpoint(init_ckpt)
+                else:
+                    model = probe if phase == first else build_model(model_cfg, bundle.class_map,
+                                                                     data_cfg["image_size"], train_recs)
+                if pcfg.get("loss_weights"):
+                    model.set_loss_weights(pcfg["loss_weights"])
+                unfreeze = apply_unfreeze(model, model_cfg, pcfg.get("unfreeze"))
+                model.freeze_inactive_heads()
+                active = model.active_heads
+                if resume_from is None:
+                    model.compile(optimizer=make_optimizer(trainer, lr, steps * epochs),
+                                  metrics=head_metrics(active, bundle.class_map.num_classes), jit_compile=jit)
+                else:
+                    # keep the restored optimizer (its state and step count) but refresh the
+                    # trainable set and metrics for this phase
+                    model.compile(optimizer=model.optimizer,
+                                  metrics=head_metrics(active, bundle.class_map.num_classes), jit_compile=jit)
+            n_train = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+            print(f"phase {phase}: heads {active}, {n_train:,} trainable params, lr {lr:g}, {epochs} epochs "
+                  f"x {steps} steps")
+            initial_epoch = int(state["epoch"]) if resume_from is not None else 0
+            callbacks = [
+                LogBalancerState(),
+                BestAndLastCheckpoint(ckdir, monitor=monitor, mode=_monitor_mode(monitor),
+                                      initial_best=state.get("best") if resume_from is not None else None),
+                EpochStateCheckpoint(pdir / "state.json", monitor=monitor, phase=phase),
+                keras.callbacks.CSVLogger(str(pdir / "history.csv"), append=resume_from is not None),
+                *tracker.keras_callbacks(prefix=f"phase{phase}/"),
+            ]
+            if trainer.get("early_stopping_patience"):
+                callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=_monitor_mode(monitor),
+                                                               patience=int(trainer["early_stopping_patience"])))
+            if trainer.get("schedule") == "plateau":
+                callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=_monitor_mode(monitor),
+                                                                   factor=0.3, patience=2))
+            if initial_epoch < epochs:
+                model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+                          steps_per_epoch=steps if trainer.get("steps_per_epoch") else None,
+                          validation_steps=val_steps if trainer.get("validation_steps") else None,
+                          callbacks=callbacks, verbose=int(trainer.get("verbose", 1)))
+            best_path = ckdir / "best.keras" if (ckdir / "best.keras").is_file() else ckdir / "last.keras"
+            best = load_checkpoint(best_path)
+            best.set_loss_weights(pcfg.get("loss_weights") or {})
+            best.compile(metrics=head_metrics(best.active_heads, bundle.class_map.num_classes), jit_compile=jit)
+            res = best.evaluate(val_ds, return_dict=True, verbose=0,
+                                steps=val_steps if trainer.get("validation_steps") else None)
+            metrics = {"phase": phase, "checkpoint": str(best_path), "val": {k: float(v) for k, v in res.items()},
+                       "unfreeze": unfreeze, "balancer": best.balancer.state()}
+            if "class" in heads:
+                metrics["chance_accuracy"] = 1.0 / bundle.class_map.num_classes
+            (pdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            tracker.log_metrics({f"phase{phase}/best_val_{k}": v for k, v in metrics["val"].items()})
+            tracker.log_artifact(pdir / "metrics.json", artifact_path=f"phase{phase}")
+            tracker.log_artifact(pdir / "history.csv", artifact_path=f"phase{phase}")
+            tracker.log_artifact(best_path, artifact_path=f"phase{phase}/checkpoints")
+            all_metrics[phase] = metrics
+            init_ckpt = best_path
+            print(f"phase {phase}: validation " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items()))
+    final = all_metrics[phases[-1]]
+    (run_dir / "metrics.json").write_text(json.dumps({"phases": all_metrics, "final": final}, indent=2))
+    return final
