@@ -334,7 +334,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                   f"x {steps} steps")
             initial_epoch = int(state["epoch"]) if resume_from is not None else 0
             callbacks = [
-                LogBalancerState(),
+                *([LogBalancerState()] if model.balancer.mode != "static" else []),
                 BestAndLastCheckpoint(ckdir, monitor=monitor, mode=_monitor_mode(monitor),
                                       initial_best=state.get("best") if resume_from is not None else None),
                 EpochStateCheckpoint(pdir / "state.json", monitor=monitor, phase=phase),
