@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,10 +34,16 @@ def main(cfg: DictConfig) -> None:
 
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run dir: %s", run_dir)
+    from .models.backbones import WeightsMismatchError, WeightsUnavailableError
+
     try:
         metrics = run(cfg, run_dir)
-    except DataError as e:
-        log.error("data error: %s", e)
+    except (DataError, WeightsUnavailableError, WeightsMismatchError, FileNotFoundError, ValueError) as e:
+        # a clear one-paragraph error instead of a stack trace (BTMTL_DEBUG=1 shows it)
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s", type(e).__name__, e)
+        if os.environ.get("BTMTL_DEBUG"):
+            raise
         sys.exit(2)
     print(json.dumps({"run_dir": str(run_dir), "val_metrics": metrics}, indent=2))
 

@@ -246,6 +246,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     bundle = load_data(cfg.data, cache_dir=cfg.paths.cache_dir)
     train_recs, val_recs = bundle.split("train"), bundle.split("val")
+    # a fixed shuffle of validation, so a capped trainer.validation_steps sees every class,
+    # not the first few groups of the (sorted) split
+    val_recs = [val_recs[i] for i in np.random.default_rng(int(cfg.seed)).permutation(len(val_recs))]
     if not train_recs or not val_recs:
         raise ValueError(f"need train and val splits, got {len(train_recs)} train / {len(val_recs)} val records")
     (run_dir / "data_summary.json").write_text(json.dumps(bundle.summary(), indent=2))

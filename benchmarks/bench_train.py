@@ -1,0 +1,92 @@
+"""Training throughput (images/s) per model and precision; writes benchmarks/results/train.json.
+
+Synthetic in-memory batches (the input pipeline is measured by bench_pipeline.py), the
+library's MultiTaskModel with each model's configured losses, a few warm-up steps, then
+timed steps. Not a test: numbers depend on the machine; compare like with like.
+
+    .venv/bin/python benchmarks/bench_train.py [--models small_cnn resnet101_detector] \
+        [--precisions float32 mixed_bfloat16] [--steps 5] [--batch 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZES = {"small_cnn": 128, "resnet101_detector": 224, "classifier": 224, "detector": 224}
+
+
+def bench(name: str, precision: str, steps: int, batch: int, size: int) -> dict:
+    import numpy as np
+    import keras
+    import tensorflow as tf
+
+    from src.config import compose
+    from src.data.records import ClassMap
+    from src.training.engine import build_model
+    from src.training.precision import resolve_jit
+
+    keras.mixed_precision.set_global_policy(precision)
+    cfg = compose([f"model={name}" if name in ("small_cnn", "resnet101_detector", "classifier") else "model=small_cnn"])
+    from omegaconf import OmegaConf
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["weights"] = None
+    cm = ClassMap()
+    model = build_model(model_cfg, cm, size)
+    heads = list(model.network.output)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, size, size, 3), dtype=np.float32)
+    y, w = {}, {}
+    if "class" in heads:
+        y["class"], w["class"] = rng.integers(0, 4, batch).astype("int32"), np.ones(batch, "float32")
+    if "boxes" in heads:
+        lo = rng.uniform(0, .5, (batch, 4, 2)).astype("float32")
+        y["boxes"], w["boxes"] = np.concatenate([lo, lo + .3], -1), np.ones((batch, 4), "float32")
+    ds = tf.data.Dataset.from_tensors((x, y, w)).repeat()
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=resolve_jit("auto"))
+    model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)  # warm-up / trace
+    t = time.perf_counter()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    dt = time.perf_counter() - t
+    keras.mixed_precision.set_global_policy("float32")
+    return {"model": name, "precision": precision, "image_size": size, "batch": batch, "steps": steps,
+            "img_per_s": round(steps * batch / dt, 2), "params": int(model.count_params())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["small_cnn", "resnet101_detector"])
+    ap.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    args = ap.parse_args()
+    import tensorflow as tf
+
+    from src.training.precision import cpu_has_bf16
+
+    results = []
+    for m in args.models:
+        for p in args.precisions:
+            r = bench(m, p, args.steps, args.batch, SIZES.get(m, 224))
+            print(json.dumps(r))
+            results.append(r)
+    out = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                       "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+                       "cpu_bf16": cpu_has_bf16(), "tensorflow": tf.__version__,
+                       "loadavg": os.getloadavg()},
+           "when": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
