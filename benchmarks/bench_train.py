@@ -68,24 +68,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     args = ap.parse_args()
-    import tensorflow as tf
-
-    from src.training.precision import cpu_has_bf16
-
-    results = []
+    out_path = Path(args.out)
+    # merge with earlier entries (same model + precision are replaced), writing after each
+    results = json.loads(out_path.read_text()).get("results", []) if out_path.is_file() else []
     for m in args.models:
         for p in args.precisions:
             r = bench(m, p, args.steps, args.batch, SIZES.get(m, 224))
             print(json.dumps(r))
-            results.append(r)
+            results = [e for e in results if (e["model"], e["precision"]) != (m, p)] + [r]
+            _write(out_path, results)
+    print(f"wrote {out_path}")
+
+
+def _write(out_path: Path, results: list) -> None:
+    import tensorflow as tf
+
+    from src.training.precision import cpu_has_bf16
+
     out = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
                        "cpu_bf16": cpu_has_bf16(), "tensorflow": tf.__version__,
                        "loadavg": os.getloadavg()},
            "when": time.strftime("%Y-%m-%d %H:%M"), "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,20 @@ def test_box_head_never_inverts_even_for_extreme_logits():
     boxes = keras.ops.convert_to_numpy(BoxFromCentreSize()(logits))
     assert np.all(boxes[..., 2] > boxes[..., 0]) and np.all(boxes[..., 3] > boxes[..., 1])
     assert np.all((boxes >= 0) & (boxes <= 1))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_step_is_finite_with_float32_outputs(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        net = create_model("small_cnn", num_classes=NUM_CLASSES, image_size=32, widths=(4, 8))
+        model = MultiTaskModel(net, {"class": "ce", "boxes": "ciou"})
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        x, y, w = tiny_batch(["class", "boxes"])
+        w["boxes"][:] = 0.0  # an empty box batch must stay 0, not NaN, in low precision too
+        hist = model.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(4), epochs=1, verbose=0)
+        assert np.isfinite(hist.history["loss"][0]) and hist.history["boxes_loss"][0] == 0.0
+        out = model.predict(x, verbose=0)
+        assert all(v.dtype == np.float32 for v in out.values())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
