@@ -56,3 +56,17 @@ def test_every_config_key_has_a_comment(path: Path):
                 continue
             missing.append(f"{path.name}:{i}: {s}")
     assert not missing, "config keys without a one-line comment:\n" + "\n".join(missing)
+
+
+def test_no_project_file_is_git_ignored():
+    """An over-broad .gitignore pattern (``data/``) once kept conf/data out of the repository."""
+    import shutil
+    import subprocess
+
+    root = CONFIG_DIR.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(root)) for d in ("conf", "src", "tests", "benchmarks")
+             for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True)
+    assert out.stdout.strip() == "", "git ignores project files:\n" + out.stdout
