@@ -583,9 +583,12 @@ def _resolve_heads(heads) -> set:
         return set(TARGET_KEYS)
     if isinstance(heads, str):
         heads = [heads]
+    from ..training.multitask import target_key
+
     out = set()
     for h in heads:
-        if h in _IGNORED_HEADS:
+        h = target_key(h)  # mask_aux1 -> mask; recon -> x (the input itself)
+        if h in _IGNORED_HEADS or h == "x":
             continue
         if h not in TARGET_KEYS:
             raise ValueError(f"unknown target/head {h!r}; targets are {list(TARGET_KEYS)} "

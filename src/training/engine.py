@@ -108,6 +108,60 @@ def multi_hot_matrix(records, class_map):
     return mh, known
 
 
+#: which ``Record.known`` flag makes a head's target known ("always": the input image)
+_KNOWN_FLAG = {"class": "label", "multilabel": "label", "tumor": "label", "subtype": "label",
+               "boxes": "boxes", "mask": "mask", "recon": "always", "reconstruction": "always"}
+
+
+def drop_unlearnable_heads(model_cfg: dict, train_records) -> dict:
+    """Remove from ``model_cfg["heads"]`` the heads whose target no training record has.
+
+    E.g. a segmentation head on a dataset without tumour masks would only ever see
+    unknown or known-empty (healthy) masks: it is dropped with a warning instead of
+    learning to predict nothing.
+    """
+    from .multitask import target_key
+
+    heads = model_cfg.get("heads")
+    if not heads:
+        return model_cfg
+    def positive(r, flag):  # a known target that is not only "nothing here"
+        if flag == "mask":
+            return bool(r.known.get("mask") and (r.mask or r.polygons))
+        if flag == "boxes":
+            return bool(r.known.get("boxes") and len(r.boxes))
+        return bool(r.known.get(flag))
+
+    keep = []
+    for h in heads:
+        flag = _KNOWN_FLAG.get(target_key(h), "always")
+        if flag == "always" or any(positive(r, flag) for r in train_records):
+            keep.append(h)
+        else:
+            log.warning("head %r dropped: no training record has a known %s target", h, flag)
+            print(f"warning: head {h!r} dropped: no training record has a known {flag} target")
+    if not keep:
+        raise ValueError(f"none of the heads {list(heads)} has a known target in the training data")
+    return {**model_cfg, "heads": keep}
+
+
+def weights_for(weights, heads) -> Optional[dict]:
+    """Loss weights restricted to the model's heads (a config may name heads it dropped)."""
+    if not weights:
+        return None
+    return {h: float(w) for h, w in dict(weights).items() if h in heads}
+
+
+def metric_heads(model) -> list:
+    """Heads that get compiled metrics: the active ones, plus loss-less outputs that
+    have a dataset target of their own (e.g. the U-Net's composed 4-class ``class``)."""
+    from .multitask import RECON_HEADS, is_aux_head
+
+    outs = model.output_names_of(model.network)
+    extra = [h for h in outs if h not in model.heads and not is_aux_head(h) and h not in RECON_HEADS]
+    return list(model.active_heads) + extra
+
+
 def build_model(model_cfg: dict, class_map, image_size, train_records=None):
     """Network from the registry wrapped in a :class:`MultiTaskModel` with its losses."""
     from ..losses import class_weights_from_labels
@@ -119,7 +173,8 @@ def build_model(model_cfg: dict, class_map, image_size, train_records=None):
     losses = dict(cfg.pop("losses", None) or {})
     for key in ("phases", "balancing", "ema_beta", "loss_weights", "preprocessing", "class_weighting"):
         cfg.pop(key, None)
-    network = create_model(name, num_classes=class_map.num_classes, image_size=image_size, **cfg)
+    network = create_model(name, num_classes=class_map.num_classes, image_size=image_size,
+                           class_names=list(class_map.classes), **cfg)
     outputs = list(network.output)
     head_losses = {}
     for head in outputs:
@@ -136,7 +191,7 @@ def build_model(model_cfg: dict, class_map, image_size, train_records=None):
         head_losses[head] = spec
     if not head_losses:
         raise ValueError(f"model {name!r}: no losses configured for its outputs {outputs}")
-    return MultiTaskModel(network, head_losses, loss_weights=model_cfg.get("loss_weights"),
+    return MultiTaskModel(network, head_losses, loss_weights=weights_for(model_cfg.get("loss_weights"), head_losses),
                           balancing=model_cfg.get("balancing", "static"),
                           ema_beta=float(model_cfg.get("ema_beta", 0.99)),
                           name=f"{name}")
@@ -215,6 +270,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from .callbacks import BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, load_epoch_state
     from .metrics import head_metrics
     from .multitask import load_checkpoint
+    from .plots import plot_history
     from .precision import resolve_jit, set_precision
     from .strategy import describe_strategy, get_strategy
 
@@ -264,6 +320,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     steps = _steps(len(train_recs), batch, trainer.get("steps_per_epoch"))
     val_steps = _steps(len(val_recs), batch, trainer.get("validation_steps"))
 
+    if train_recs:
+        model_cfg = drop_unlearnable_heads(model_cfg, train_recs)
     with strategy.scope():
         probe = build_model(model_cfg, bundle.class_map, data_cfg["image_size"], train_records=train_recs)
     heads = list(probe.network.output)
@@ -320,18 +378,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     model = probe if phase == first else build_model(model_cfg, bundle.class_map,
                                                                      data_cfg["image_size"], train_recs)
                 if pcfg.get("loss_weights"):
-                    model.set_loss_weights(pcfg["loss_weights"])
+                    model.set_loss_weights(weights_for(pcfg["loss_weights"], model.heads) or {})
                 unfreeze = apply_unfreeze(model, model_cfg, pcfg.get("unfreeze"))
                 model.freeze_inactive_heads()
                 active = model.active_heads
                 if resume_from is None:
                     model.compile(optimizer=make_optimizer(trainer, lr, steps * epochs),
-                                  metrics=head_metrics(active, bundle.class_map.num_classes), jit_compile=jit)
+                                  metrics=head_metrics(metric_heads(model), bundle.class_map.num_classes), jit_compile=jit)
                 else:
                     # keep the restored optimizer (its state and step count) but refresh the
                     # trainable set and metrics for this phase
                     model.compile(optimizer=model.optimizer,
-                                  metrics=head_metrics(active, bundle.class_map.num_classes), jit_compile=jit)
+                                  metrics=head_metrics(metric_heads(model), bundle.class_map.num_classes),
+                                  jit_compile=jit)
             n_train = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
             print(f"phase {phase}: heads {active}, {n_train:,} trainable params, lr {lr:g}, {epochs} epochs "
                   f"x {steps} steps")
@@ -352,13 +411,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                                                    factor=0.3, patience=2))
             if initial_epoch < epochs:
                 model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+                          shuffle=False,  # the pipeline shuffles; Keras' flag only warns for tf.data
                           steps_per_epoch=steps if trainer.get("steps_per_epoch") else None,
                           validation_steps=val_steps if trainer.get("validation_steps") else None,
                           callbacks=callbacks, verbose=int(trainer.get("verbose", 1)))
             best_path = ckdir / "best.keras" if (ckdir / "best.keras").is_file() else ckdir / "last.keras"
             best = load_checkpoint(best_path)
-            best.set_loss_weights(pcfg.get("loss_weights") or {})
-            best.compile(metrics=head_metrics(best.active_heads, bundle.class_map.num_classes), jit_compile=jit)
+            best.set_loss_weights(weights_for(pcfg.get("loss_weights"), best.heads) or {})
+            best.compile(metrics=head_metrics(metric_heads(best), bundle.class_map.num_classes), jit_compile=jit)
             res = best.evaluate(val_ds, return_dict=True, verbose=0,
                                 steps=val_steps if trainer.get("validation_steps") else None)
             metrics = {"phase": phase, "checkpoint": str(best_path), "val": {k: float(v) for k, v in res.items()},
@@ -369,6 +429,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             tracker.log_metrics({f"phase{phase}/best_val_{k}": v for k, v in metrics["val"].items()})
             tracker.log_artifact(pdir / "metrics.json", artifact_path=f"phase{phase}")
             tracker.log_artifact(pdir / "history.csv", artifact_path=f"phase{phase}")
+            curves = plot_history(pdir / "history.csv", pdir / "learning_curves.png",
+                                  title=f"{model_name} on {data_name}, phase {phase}")
+            if curves is not None:
+                tracker.log_artifact(curves, artifact_path=f"phase{phase}")
             tracker.log_artifact(best_path, artifact_path=f"phase{phase}/checkpoints")
             all_metrics[phase] = metrics
             init_ckpt = best_path

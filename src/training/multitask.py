@@ -8,6 +8,13 @@ reported as metrics (``<head>_loss``) every epoch.
 
 A head whose loss weight is 0 in a phase is not computed at all, so a phase that trains
 only the box head pays nothing for the others.
+
+Which target a head learns (:func:`target_key`): a head named like a pipeline target
+(``class``, ``boxes``, ``mask``, ``tumor``, ``subtype``, ...) learns that target; an
+auxiliary head ``<target>_aux<k>`` (deep supervision, e.g. ``mask_aux1``) learns
+``<target>`` with its sample weights; a reconstruction head (``recon``) learns the input
+image ``x`` itself (weight 1 for every sample). Auxiliary heads are training-only:
+:meth:`MultiTaskModel.inference_model` leaves them out.
 """
 from __future__ import annotations
 
@@ -18,6 +25,24 @@ from keras import ops
 
 from ..losses import get_loss
 from ..losses.balancing import LossBalancer
+
+#: heads whose target is the input image itself
+RECON_HEADS = ("recon", "reconstruction")
+
+
+def target_key(head: str) -> str:
+    """The dataset target a head learns: ``mask_aux2`` -> ``mask``; ``recon`` -> ``x``."""
+    if head in RECON_HEADS:
+        return "x"
+    base, sep, tail = head.rpartition("_aux")
+    if sep and base and (tail == "" or tail.isdigit()):
+        return base
+    return head
+
+
+def is_aux_head(head: str) -> bool:
+    """Training-only auxiliary head (deep supervision): ``<target>_aux<k>``."""
+    return target_key(head) not in (head, "x")
 
 
 def _build_loss(spec):
@@ -119,10 +144,16 @@ class MultiTaskModel(keras.Model):
         replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
         per_head = {}
         for h in self.active_heads:
-            if h not in y:
-                raise ValueError(f"no target for head {h!r}; the dataset yields {sorted(y)}")
-            sw = sample_weight.get(h) if isinstance(sample_weight, Mapping) else None
-            value = ops.cast(self.head_losses[h](y[h], y_pred[h], sample_weight=sw), "float32") * replicas
+            key = target_key(h)
+            if key == "x":
+                target, sw = (x.get("image") if isinstance(x, Mapping) else x), None
+            elif key in y:
+                target = y[key]
+                sw = sample_weight.get(key) if isinstance(sample_weight, Mapping) else None
+            else:
+                raise ValueError(f"no target {key!r} for head {h!r}; the dataset yields {sorted(y)}")
+            target = ops.cast(target, "float32") if key == "x" else target
+            value = ops.cast(self.head_losses[h](target, y_pred[h], sample_weight=sw), "float32") * replicas
             per_head[h] = value
             self.head_loss_trackers[h].update_state(value)
         total = self.balancer(per_head, training=training) if per_head else ops.zeros((), "float32")
@@ -132,8 +163,10 @@ class MultiTaskModel(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if isinstance(y, Mapping) and isinstance(y_pred, Mapping):
-            # compiled metrics see only the heads the network outputs
+            # compiled metrics see only heads that have a target of their own (not aux or
+            # reconstruction heads) and only targets that some head outputs
             y = {k: v for k, v in y.items() if k in y_pred}
+            y_pred = {k: v for k, v in y_pred.items() if k in y}
             if isinstance(sample_weight, Mapping):
                 sample_weight = {k: v for k, v in sample_weight.items() if k in y_pred}
         return super().compute_metrics(x, y, y_pred, sample_weight)
@@ -164,9 +197,13 @@ class MultiTaskModel(keras.Model):
         return cls(**config)
 
     def inference_model(self, heads=None) -> keras.Model:
-        """The bare functional network (optionally only some heads): for export/predict."""
+        """The functional network without training-only auxiliary heads (optionally only
+        ``heads``): for export and prediction."""
+        names = self.output_names_of(self.network)
         if heads is None:
-            return self.network
+            heads = [h for h in names if not is_aux_head(h)]
+            if len(heads) == len(names):
+                return self.network
         outs = {h: self.network.output[h] for h in heads}
         return keras.Model(self.network.input, outs, name=f"{self.network.name}_inference")
 

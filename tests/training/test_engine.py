@@ -35,6 +35,8 @@ def test_phase_chain_all(phantom_root, tmp_path):
     for p in ("1", "2", "3"):
         assert (run_dir / f"phase{p}" / "checkpoints" / "best.keras").is_file()
         assert (run_dir / f"phase{p}" / "checkpoints" / "last.keras").is_file()
+        png = run_dir / f"phase{p}" / "learning_curves.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # phase 1 learns boxes only: its metrics have no class loss; phase 3 has both
     assert "boxes_loss" in summary["phases"]["1"]["val"] and "class_loss" not in summary["phases"]["1"]["val"]
     assert {"class_loss", "boxes_loss", "class_acc"} <= set(final["val"])
@@ -90,3 +92,24 @@ def test_resume_continues_from_saved_epoch(phantom_root, tmp_path, capsys):
 def test_resume_without_earlier_run_is_a_clear_error(phantom_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="no earlier run"):
         run(cfg_for(phantom_root, tmp_path / "empty", "trainer.resume=true"), tmp_path / "empty", "x")
+
+
+def test_heads_without_any_positive_target_are_dropped(capsys):
+    import numpy as np
+
+    from src.data.records import Record
+    from src.training.engine import drop_unlearnable_heads
+
+    healthy = Record("h.png", label="no_tumor", known={"label": True, "boxes": True, "mask": True})
+    tumour = Record("t.png", label="glioma", known={"label": True, "boxes": False, "mask": False})
+    cfg = {"name": "mtl_unet", "heads": ["tumor", "subtype", "recon", "mask", "mask_aux1"]}
+    # a folder dataset: labels only; healthy slices have known-*empty* masks, which alone
+    # would teach a segmentation head to draw nothing
+    out = drop_unlearnable_heads(cfg, [healthy, tumour])
+    assert out["heads"] == ["tumor", "subtype", "recon"]
+    assert "head 'mask' dropped" in capsys.readouterr().out
+    with_mask = Record("m.png", label="glioma", mask="m_mask.png", known={"label": True, "boxes": True, "mask": True},
+                       boxes=np.array([[.1, .1, .3, .3]], np.float32), box_classes=("glioma",))
+    assert drop_unlearnable_heads(cfg, [healthy, with_mask])["heads"] == cfg["heads"]
+    with pytest.raises(ValueError, match="none of the heads"):
+        drop_unlearnable_heads({"heads": ["boxes"]}, [healthy, tumour])
