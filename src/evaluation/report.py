@@ -1,0 +1,198 @@
+"""``report.html``: one self-contained page of an evaluation.
+
+Plots are embedded as base64 PNG (``data:`` URIs), tables are plain HTML and the style
+sheet is inline: the file reads offline, by itself, in any browser (no external CSS,
+JavaScript or fonts). :func:`write_report` takes the ``metrics.json`` dict written by
+:mod:`src.evaluate` and the PNG paths of :mod:`src.evaluation.plots`.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;
+line-height:1.4;padding:0 16px}
+h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.2em;border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:34px}
+h3{font-size:1.02em;margin:18px 0 6px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:.88em}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+.meta td{text-align:left}.worst{background:#fde2e1}.note{color:#555;font-size:.85em}
+.headline{font-size:1.05em;background:#f7f9fc;border-left:4px solid #4c72b0;padding:6px 10px;margin:8px 0}
+.gap{color:#b00;font-weight:600}
+.bar{display:inline-block;height:9px;background:#4c72b0;vertical-align:middle}
+.plots{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+.plots figure{margin:0}.plots img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.8em;color:#555}
+"""
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "&ndash;"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "&ndash;"
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def embed_png(path) -> str:
+    """``<img>`` tag with the PNG inlined as a base64 data URI."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _figures(paths: Sequence[tuple[str, Optional[Path]]]) -> str:
+    items = [f"<figure>{embed_png(p)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+             for cap, p in paths if p is not None and Path(p).is_file()]
+    return f'<div class="plots">{"".join(items)}</div>' if items else ""
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "", row_classes=None) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if any(header) else ""
+    body = []
+    for i, r in enumerate(rows):
+        rc = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{rc}>" + "".join(f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>"
+                                          for c in r) + "</tr>")
+    c = f' class="{cls}"' if cls else ""
+    return f"<table{c}>{head}{''.join(body)}</table>"
+
+
+def _bar(v: Optional[float], width: int = 90) -> str:
+    if v is None or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return ""
+    return f'<span class="bar" style="width:{max(1, int(round(v * width)))}px"></span>'
+
+
+def _classification_section(key: str, m: Mapping, plots: Mapping) -> str:
+    title = {"class": "Classification", "tumor": "Tumour vs no tumour", "subtype": "Tumour subtype",
+             "multilabel": "Multi-label classification"}.get(key, key)
+    out = [f"<h2>{html.escape(title)} <span class='note'>(head <code>{html.escape(key)}</code>, "
+           f"n = {m.get('n')})</span></h2>"]
+    if m.get("composed_from"):
+        out.append(f"<p class='note'>Composed from the heads {html.escape(' + '.join(m['composed_from']))}: "
+                   f"no_tumor when p(tumour) &lt; {_fmt(m.get('threshold'), 2)}, else the subtype argmax.</p>")
+    if key == "multilabel":
+        head = (f"subset accuracy <b>{_fmt(m.get('subset_accuracy'))}</b> &middot; Hamming loss "
+                f"{_fmt(m.get('hamming_loss'))} &middot; macro F1 <b>{_fmt(m['macro']['f1'])}</b> &middot; "
+                f"ROC-AUC (macro) {_fmt(m['roc_auc']['macro'])} &middot; class-wise ECE "
+                f"{_fmt(m['calibration'].get('ece_classwise'))}")
+    else:
+        head = (f"accuracy <b>{_fmt(m.get('accuracy'))}</b> &middot; balanced accuracy "
+                f"<b>{_fmt(m.get('balanced_accuracy'))}</b> &middot; macro F1 <b>{_fmt(m['macro']['f1'])}</b> "
+                f"&middot; ROC-AUC (macro, OvR) {_fmt(m['roc_auc']['macro'])} &middot; ECE "
+                f"{_fmt(m['calibration'].get('ece'))}")
+    out.append(f"<div class='headline'>{head}</div>")
+    worst = m.get("worst_class")
+    if worst and len(m.get("per_class", {})) > 2:
+        out.append(f"<p>Lowest recall: <span class='gap'>{html.escape(worst['name'])} "
+                   f"{_fmt(worst['recall'])}</span> ({_fmt(worst['gap_to_macro_recall'], 3)} against the mean recall "
+                   f"{_fmt(m.get('balanced_accuracy'))}); F1 {_fmt(worst['f1'])}.</p>")
+    rows, rcls = [], []
+    for name, pc in m.get("per_class", {}).items():
+        rows.append([name, pc["precision"], pc["recall"], _bar(pc["recall"]), pc["f1"], pc["support"], pc["roc_auc"]])
+        rcls.append("worst" if worst and name == worst["name"] and len(m["per_class"]) > 2 else "")
+    for avg in ("macro", "micro", "weighted"):
+        a = m.get(avg)
+        if a:
+            rows.append([f"{avg} avg", a["precision"], a["recall"], _bar(a["recall"]), a["f1"],
+                         sum(pc["support"] for pc in m["per_class"].values()) if avg != "macro" else None, None])
+            rcls.append("")
+    out.append(_table(["class", "precision", "recall", "", "F1", "support", "ROC-AUC"], rows, row_classes=rcls))
+    p = plots.get(key, {})
+    out.append(_figures([("confusion matrix", p.get("confusion")), ("ROC curves", p.get("roc")),
+                         ("reliability diagram", p.get("reliability"))]))
+    return "\n".join(out)
+
+
+def _boxes_section(m: Mapping, plots: Mapping) -> str:
+    det = m.get("detection", {})
+    out = ["<h2>Boxes <span class='note'>(head <code>boxes</code>)</span></h2>",
+           f"<div class='headline'>mean IoU <b>{_fmt(m.get('mean_iou'))}</b> &middot; IoU &ge; 0.5: "
+           f"{_fmt(m.get('iou_ge_0.5'))} &middot; IoU &ge; 0.75: {_fmt(m.get('iou_ge_0.75'))} &middot; "
+           f"mAP@0.5 <b>{_fmt(m.get('map50'))}</b> &middot; mAP@0.5:0.95 {_fmt(m.get('map50_95'))}</div>",
+           f"<p class='note'>{m.get('n_boxes')} known boxes (one per class slot). mAP: one predicted box per class "
+           f"slot on each of {det.get('n_images', '?')} images with known boxes, confidence = "
+           f"{html.escape(str(det.get('confidence', '')))}, against every true box of that class; all-point "
+           f"interpolated AP.</p>"]
+    rows = []
+    for name, pc in m.get("per_class", {}).items():
+        rows.append([name, pc["n"], pc["mean_iou"], det.get("n_gt", {}).get(name), det.get("ap50", {}).get(name),
+                     det.get("ap", {}).get(name, {}).get("0.75")])
+    out.append(_table(["class", "boxes", "mean IoU", "true boxes (mAP)", "AP@0.5", "AP@0.75"], rows))
+    out.append(_figures([("IoU histogram", plots.get("boxes", {}).get("iou_hist"))]))
+    return "\n".join(out)
+
+
+def _mask_section(m: Mapping, plots: Mapping) -> str:
+    out = ["<h2>Masks <span class='note'>(head <code>mask</code>)</span></h2>",
+           f"<div class='headline'>Dice <b>{_fmt(m.get('dice_mean'))}</b> (tumour images only "
+           f"<b>{_fmt(m.get('dice_mean_tumor_only'))}</b>) &middot; IoU {_fmt(m.get('iou_mean'))} &middot; "
+           f"HD95 {_fmt(m.get('hd95_mean'), 2)} px &middot; global Dice {_fmt(m.get('dice_global'))}</div>"]
+    rows = [["images with a known mask", m.get("n")], ["with a tumour", m.get("n_tumor")],
+            ["Dice (mean, all)", m.get("dice_mean")], ["Dice (mean, tumour images)", m.get("dice_mean_tumor_only")],
+            ["IoU (mean, all)", m.get("iou_mean")], ["IoU (mean, tumour images)", m.get("iou_mean_tumor_only")],
+            ["HD95 px (mean where defined)", m.get("hd95_mean")], ["HD95 px (median)", m.get("hd95_median")],
+            ["HD95 undefined (one mask empty)", m.get("hd95_undefined")],
+            ["HD95 px (undefined = image diagonal)", m.get("hd95_mean_penalised")],
+            ["empty prediction on a tumour", m.get("empty_prediction_on_tumor")],
+            ["foreground predicted on a healthy slice", m.get("false_positive_on_healthy")],
+            ["probability threshold", m.get("threshold")]]
+    out.append(_table(["", "value"], rows))
+    out.append(_figures([("Dice histogram", plots.get("mask", {}).get("dice_hist"))]))
+    return "\n".join(out)
+
+
+def _recon_section(key: str, m: Mapping) -> str:
+    rows = [["PSNR dB", m["psnr"]["mean"], m["psnr"]["median"], m["psnr"]["min"], m["psnr"]["max"]],
+            ["SSIM", m["ssim"]["mean"], m["ssim"]["median"], m["ssim"]["min"], m["ssim"]["max"]]]
+    return (f"<h2>Reconstruction <span class='note'>(head <code>{html.escape(key)}</code>, "
+            f"n = {m.get('n')})</span></h2>"
+            + _table(["", "mean", "median", "min", "max"], rows))
+
+
+def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping] = None,
+                 files: Sequence[str] = ("metrics.json", "predictions.csv")) -> Path:
+    """Write the page. ``plots``: ``{head: {kind: png}}`` plus ``"gallery": png``."""
+    meta = dict(meta or {})
+    heads = metrics.get("heads", metrics)
+    parts = [f"<h1>Evaluation report</h1><p class='note'>{html.escape(str(meta.get('created', '')))}</p>"]
+    if meta:
+        parts.append(_table(["", ""], [[k, str(v)] for k, v in meta.items() if k != "created"], cls="meta"))
+    for key in ("class", "tumor", "subtype", "multilabel"):
+        if key in heads:
+            parts.append(_classification_section(key, heads[key], plots))
+    if "boxes" in heads:
+        parts.append(_boxes_section(heads["boxes"], plots))
+    if "mask" in heads:
+        parts.append(_mask_section(heads["mask"], plots))
+    for key in ("recon", "reconstruction"):
+        if key in heads:
+            parts.append(_recon_section(key, heads[key]))
+    if plots.get("gallery"):
+        parts.append("<h2>Worst and best cases</h2><p class='note'>Green: true box / mask outline; red dashed: "
+                     f"predicted. Ranked by {html.escape(str(meta.get('gallery_score', 'score')))}.</p>")
+        parts.append(_figures([("gallery", plots["gallery"])]))
+    if metrics.get("notes"):
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in metrics["notes"]) + "</ul>")
+    links = " &middot; ".join(f"<a href='{html.escape(f)}'>{html.escape(f)}</a>" for f in files)
+    parts.append(f"<p class='note'>Files beside this page: {links}</p>")
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Evaluation report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+__all__ = ["write_report", "embed_png"]

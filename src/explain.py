@@ -1,0 +1,210 @@
+"""`python -m src.explain checkpoint=PATH what=gradcam|umap [data=...] [split=test] [n=16] [out=DIR]`
+
+``what=gradcam``: Grad-CAM (or ``gradcam.method=gradcam++``) of ``n`` images of ``split``
+(spread over the classes), for ``gradcam.head`` (default the class head) and
+``gradcam.layer`` (default: auto, inside a nested backbone when there is one). Writes
+``<out>/gradcam/<i>_<name>.png`` (the image and its overlay side by side, the true mask
+outlined where known), ``gradcam.csv`` (path, true label, predicted class and
+probability, explained class, layer, pseudo-mask Dice where a true mask is known) and
+``summary.json`` (mean Dice of the pseudo-masks: weak localisation, measured).
+
+``what=umap``: embeddings (``umap.layer``, default the pooled features before the heads)
+of up to ``umap.max_per_split`` images from each of ``umap.splits``, projected with UMAP;
+writes ``umap.png`` (colour = class, marker = split: train o, test x) and ``umap.csv``
+(path, split, label, x, y).
+
+Data: the run's own ``data`` config (from ``config.yaml`` in the checkpoint's run folder)
+unless ``data=...`` / ``data.*`` is given on the command line. Images go through the
+same tf.data pipeline as in training (no augmentation), at the model's input size.
+Output: ``out`` (default ``<run folder>/explain``). Errors exit with status 2.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("src.explain")
+
+
+def _pick(records, n: int, seed: int):
+    """Up to ``n`` records, round-robin over the classes (a fixed shuffle inside each)."""
+    rng = np.random.default_rng(seed)
+    by: dict = {}
+    for r in records:
+        by.setdefault(r.label if r.known.get("label") else None, []).append(r)
+    queues = {k: [v[i] for i in rng.permutation(len(v))] for k, v in sorted(by.items(), key=lambda kv: str(kv[0]))}
+    out = []
+    while len(out) < n and any(queues.values()):
+        for k in list(queues):
+            if queues[k] and len(out) < n:
+                out.append(queues[k].pop(0))
+    return out
+
+
+def _dataset(records, class_map, data_cfg: dict, size, batch_size: int, want_mask: bool):
+    from .data.pipeline import build_dataset
+
+    cfg = {**data_cfg, "image_size": list(size), "batch_size": int(batch_size), "augment": None, "repeat": False,
+           "shuffle_buffer": 0, "cache": False, "drop_remainder": False,
+           "xla": False}  # a few batches: compiling the per-batch image work would cost more than it saves
+    if cfg.get("preprocessing", "auto") == "auto":
+        cfg["preprocessing"] = "none"
+    return build_dataset(records, class_map, cfg, training=False, heads=["mask"] if want_mask else ["class"])
+
+
+def _load(cfg, args: Sequence[str]):
+    from omegaconf import OmegaConf
+
+    from .data.dataset import load_data
+    from .predict import PredictError, class_names_for, input_size, load_inference_model, resolve_checkpoint, \
+        run_metadata
+
+    if not cfg.get("checkpoint"):
+        raise PredictError("checkpoint=PATH is required (a .keras file or a run folder)")
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    meta = run_metadata(ckpt)
+    model = load_inference_model(ckpt)
+    data_cfg = cfg.data
+    user_data = any(a.split("=", 1)[0].lstrip("+~") == "data" or a.lstrip("+~").startswith("data.") for a in args)
+    if not user_data and meta.config is not None and meta.config.get("data") is not None:
+        data_cfg = meta.config.data
+        log.info("data: the run's own config (%s)", meta.run_dir / "config.yaml")
+    bundle = load_data(data_cfg, cache_dir=cfg.paths.cache_dir)
+    classes = class_names_for(model, meta) or list(bundle.class_map.classes)
+    plain = OmegaConf.to_container(data_cfg, resolve=True)
+    out = Path(cfg.out) if cfg.get("out") else (meta.run_dir or ckpt.parent) / "explain"
+    return ckpt, meta, model, bundle, classes, plain, input_size(model), out
+
+
+def run_gradcam(cfg, args) -> dict:
+    from .evaluation.gradcam import GradCAM, cam_to_mask, dice, save_overlay
+    from .predict import decide
+
+    ckpt, meta, model, bundle, classes, data_cfg, size, out = _load(cfg, args)
+    g = cfg.gradcam
+    records = bundle.split(cfg.split)
+    if not records:
+        raise ValueError(f"split {cfg.split!r} of data {bundle.name!r} is empty; splits: "
+                         f"{sorted({r.split for r in bundle.records if r.split})}")
+    picked = _pick(records, int(cfg.n), int(cfg.seed))
+    want_mask = any(r.known.get("mask") for r in picked)
+    ds = _dataset(picked, bundle.class_map, data_cfg, size, int(cfg.batch_size), want_mask)
+    cam = GradCAM(model, layer=g.get("layer"))
+    head = g.get("head")
+    thr = g.get("threshold", 0.5)
+    thr = thr if isinstance(thr, str) else float(thr)
+    odir = out / "gradcam"
+    odir.mkdir(parents=True, exist_ok=True)
+    rows, i = [], 0
+    for x, targets, weights in ds:
+        res = cam(x.numpy(), head=head, class_index=g.get("class_index"), method=g.get("method", "gradcam"))
+        dec = decide(res.outputs, classes, float(meta.threshold if meta.threshold is not None else 0.5))
+        for b in range(len(res.cams)):
+            r = picked[i]
+            true_mask = None
+            if want_mask and float(weights["mask"][b]) > 0:
+                true_mask = targets["mask"][b].numpy()[..., 0] > 0
+            row = {"path": r.image, "label": r.label, "head": res.head, "layer": res.layer, "method": res.method,
+                   "explained_class": int(res.class_index[b])}
+            if dec["pred"] is not None:
+                k = int(dec["pred"][b])
+                row.update(predicted=classes[k] if k < len(classes) else k, probability=float(dec["probs"][b, k]))
+            if true_mask is not None and true_mask.any():
+                pm = cam_to_mask(res.cams[b], thr, largest_component=bool(g.get("largest_component", True)))
+                row["dice"] = dice(pm, true_mask)
+            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(r.image).stem)
+            title = f"true {r.label} | pred {row.get('predicted', '-')}"
+            if "probability" in row:
+                title += f" {row['probability']:.2f}"
+            p = save_overlay(odir / f"{i:03d}_{name}.png", x[b].numpy(), res.cams[b], alpha=float(g.get("alpha", 0.4)),
+                             mask=true_mask, title=title, min_height=int(g.get("min_height", 256)))
+            row["overlay"] = str(p)
+            rows.append(row)
+            i += 1
+    cols = ["path", "label", "predicted", "probability", "head", "explained_class", "layer", "method", "dice",
+            "overlay"]
+    with open(out / "gradcam.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    dices = [r["dice"] for r in rows if "dice" in r]
+    summary = {"what": "gradcam", "checkpoint": str(ckpt), "split": cfg.split, "images": len(rows),
+               "head": rows[0]["head"] if rows else head, "layer": rows[0]["layer"] if rows else None,
+               "method": g.get("method", "gradcam"), "pseudo_mask_threshold": thr,
+               "dice": {"images": len(dices), "mean": float(np.mean(dices)) if dices else None,
+                        "median": float(np.median(dices)) if dices else None},
+               "out": str(out), "csv": str(out / "gradcam.csv"), "overlays": str(odir)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_umap(cfg, args) -> dict:
+    from .evaluation.embeddings import embedding_projection, extract_embeddings
+
+    ckpt, meta, model, bundle, classes, data_cfg, size, out = _load(cfg, args)
+    u = cfg.umap
+    rng = np.random.default_rng(int(cfg.seed))
+    recs = []
+    for s in u.splits:
+        rs = bundle.split(str(s))
+        if len(rs) > int(u.max_per_split):
+            rs = [rs[i] for i in sorted(rng.choice(len(rs), int(u.max_per_split), replace=False))]
+        recs += rs
+    if len(recs) < 3:
+        raise ValueError(f"need at least 3 images from splits {list(u.splits)}, found {len(recs)}")
+    ds = _dataset(recs, bundle.class_map, data_cfg, size, int(cfg.batch_size), False)
+    emb = extract_embeddings(model, ds, layer=u.get("layer"))
+    res = embedding_projection(emb, [r.image for r in recs], [r.split for r in recs],
+                               [r.label if r.known.get("label") else None for r in recs], out,
+                               method=str(u.get("method", "umap")), n_neighbors=int(u.n_neighbors),
+                               min_dist=float(u.min_dist), seed=int(cfg.seed), class_order=classes)
+    summary = {"what": "umap", "checkpoint": str(ckpt), "splits": list(u.splits), "images": len(recs),
+               "embedding_dim": int(emb.shape[1]), "out": str(out), **res}
+    return summary
+
+
+def run(cfg, args: Sequence[str] = ()) -> dict:
+    what = str(cfg.what).lower()
+    if what == "gradcam":
+        return run_gradcam(cfg, args)
+    if what == "umap":
+        return run_umap(cfg, args)
+    raise ValueError(f"what must be gradcam or umap, got {cfg.what!r}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import compose
+    from .data.records import DataError
+    from .predict import PredictError
+    from .evaluation.gradcam import GradCamError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    t0 = time.time()
+    try:
+        cfg = compose(args, config_name="explain")
+        summary = run(cfg, args)
+    except (DataError, GradCamError, PredictError, FileNotFoundError, ValueError, HydraException,
+            OmegaConfBaseException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tests of src.evaluation and src.evaluate."""
