@@ -679,19 +679,7 @@ def make_plots(col: Mapping, metrics: Mapping, class_map, out_dir, threshold: fl
 # ---------------------------------------------------------------------------------------
 def find_mlflow_run(tracker, run_dir: Path) -> Optional[str]:
     """Id of the newest top-level MLflow run tagged ``run_dir`` = this run folder."""
-    if not tracker._ensure_client():  # noqa: SLF001 - the Tracker's own lazily built client
-        return None
-    value = str(Path(run_dir).resolve())
-    if "'" in value:
-        return None
-
-    def search():
-        runs = tracker._client.search_runs([tracker._experiment_id], filter_string=f"tags.run_dir = '{value}'",
-                                           order_by=["attributes.start_time DESC"], max_results=50)
-        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        return (top or runs)[0].info.run_id if runs else None
-
-    return tracker._call("searching the training run", search)  # noqa: SLF001
+    return tracker.find_run({"run_dir": str(Path(run_dir).resolve())})
 
 
 def log_to_mlflow(tracking_cfg: Mapping, run_dir: Optional[Path], out_dir: Path, split: str, scalars: Mapping,

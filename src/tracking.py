@@ -422,6 +422,23 @@ class Tracker:
         return True
 
     # ---- runs ----------------------------------------------------------------------
+    def find_run(self, tags: Mapping[str, str]) -> Optional[str]:
+        """Id of the newest top-level run of this experiment whose tags equal ``tags``
+        (None when there is none, tracking is off or the store cannot be reached)."""
+        if not tags or not self._ensure_client():
+            return None
+        if any("'" in str(v) for v in tags.values()):
+            return None
+        filt = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+
+        def search():
+            runs = self._client.search_runs([self._experiment_id], filter_string=filt,
+                                            order_by=["attributes.start_time DESC"], max_results=50)
+            top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+            return (top or runs)[0].info.run_id if runs else None
+
+        return self._call("searching runs", search)
+
     def start(self, run_name: Optional[str] = None, params: Any = None, tags: Optional[Mapping] = None,
               run_id: Optional[str] = None, description: Optional[str] = None) -> _RunContext:
         """Open a run (nested under the current one if a run is open); use as a context manager.
