@@ -29,6 +29,8 @@ from .box import (
     pairwise_iou,
     safe_divide,
 )
+from .reconstruction import RECON_MODES, ReconstructionLoss
+from .segmentation import BinaryFocalLoss, DiceFocalLoss, DiceLoss, soft_dice
 from .classification import (
     CLASS_WEIGHT_MODES,
     MaskedSparseCategoricalCrossentropy,
@@ -51,6 +53,11 @@ __all__ = [
     "SparseCategoricalFocalLoss",
     "MaskedSparseCategoricalCrossentropy",
     "class_weights_from_labels",
+    "DiceLoss",
+    "BinaryFocalLoss",
+    "DiceFocalLoss",
+    "soft_dice",
+    "ReconstructionLoss",
     "get_loss",
     "register_loss",
     "list_losses",
@@ -83,6 +90,21 @@ def _ce(**kwargs):
     return MaskedSparseCategoricalCrossentropy(**kwargs)
 
 
+def _dice(**kwargs):
+    kwargs.setdefault("name", "dice_loss")
+    return DiceLoss(**kwargs)
+
+
+def _binary_focal(**kwargs):
+    kwargs.setdefault("name", "binary_focal")
+    return BinaryFocalLoss(**kwargs)
+
+
+def _dice_focal(**kwargs):
+    kwargs.setdefault("name", "dice_focal")
+    return DiceFocalLoss(**kwargs)
+
+
 def _focal(**kwargs):
     kwargs.setdefault("name", "focal")
     return SparseCategoricalFocalLoss(**kwargs)
@@ -94,12 +116,17 @@ _REGISTRY: Dict[str, Callable[..., keras.losses.Loss]] = {
     "weighted_bce": _weighted_bce,
     "ce": _ce,
     "focal": _focal,
+    "dice": _dice,
+    "binary_focal": _binary_focal,
+    "dice_focal": _dice_focal,
+    **{m: (lambda mode: (lambda **kw: ReconstructionLoss(mode=mode, **kw)))(m) for m in RECON_MODES},
 }
 _ALIASES = {
     "iou_loss": "iou", "giou_loss": "giou", "diou_loss": "diou", "ciou_loss": "ciou",
     "binary_crossentropy": "bce", "weighted_binary_crossentropy": "weighted_bce",
     "sparse_categorical_crossentropy": "ce", "crossentropy": "ce",
     "focal_loss": "focal", "sparse_categorical_focal": "focal",
+    "mean_squared_error": "mse", "mae": "l1", "mean_absolute_error": "l1",
 }
 
 

@@ -11,7 +11,7 @@ import importlib
 from typing import Callable
 
 _MODELS: dict[str, Callable] = {}
-_MODULES = ("small_cnn", "detector")
+_MODULES = ("small_cnn", "detector", "mtl_unet", "efficient_mtnet")
 
 
 def register_model(name: str):

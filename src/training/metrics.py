@@ -52,8 +52,117 @@ class SparseMacroF1(keras.metrics.F1Score):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
+# ---------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------
+def mask_overlap_per_image(y_true, y_pred, threshold: float = 0.5, include_background: bool = False):
+    """Per-image hard Dice and IoU ``([B], [B])`` of ``[B, H, W, 1]`` masks.
+
+    ``y_pred`` (probabilities) is thresholded at ``threshold`` (``>=``), ``y_true`` at 0.5.
+    Foreground only by default; an image whose true and predicted masks are both empty
+    scores 1 (nothing to find, nothing found). ``include_background``: the mean of the
+    foreground and background scores (labelled ``*_with_bg``: on slices where the tumour
+    is a few percent of the pixels the background term is ~1 and flatters the number).
+    """
+    t = ops.cast(ops.cast(y_true, "float32") >= 0.5, "float32")
+    p = ops.cast(ops.cast(y_pred, "float32") >= threshold, "float32")
+    axes = tuple(range(1, len(t.shape)))
+
+    def scores(a, b):
+        inter = ops.sum(a * b, axis=axes)
+        total = ops.sum(a, axis=axes) + ops.sum(b, axis=axes)
+        union = total - inter
+        empty = total == 0
+        dice = ops.where(empty, ops.ones_like(inter), 2.0 * inter / ops.where(empty, ops.ones_like(total), total))
+        iou = ops.where(empty, ops.ones_like(inter), inter / ops.where(empty, ops.ones_like(union), union))
+        return dice, iou
+
+    dice, iou = scores(t, p)
+    if include_background:
+        bg_dice, bg_iou = scores(1.0 - t, 1.0 - p)
+        dice, iou = 0.5 * (dice + bg_dice), 0.5 * (iou + bg_iou)
+    return dice, iou
+
+
+class _MaskOverlap(keras.metrics.Metric):
+    """Mean per-image mask overlap over the images whose mask is known (weight > 0).
+
+    An image with an empty true mask (a known healthy slice) scores 1 when nothing is
+    predicted and 0 otherwise, so an all-background model scores the share of empty
+    masks; ``ignore_empty=True`` leaves those images out (the score on tumour slices).
+    """
+
+    _index = 0  # 0: Dice, 1: IoU
+
+    def __init__(self, threshold: float = 0.5, include_background: bool = False, ignore_empty: bool = False,
+                 name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = float(threshold)
+        self.include_background = bool(include_background)
+        self.ignore_empty = bool(ignore_empty)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total", dtype="float32")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count", dtype="float32")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        value = mask_overlap_per_image(y_true, y_pred, self.threshold, self.include_background)[self._index]
+        if sample_weight is None:
+            w = ops.ones_like(value)
+        else:
+            w = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+            w = ops.broadcast_to(w, ops.shape(value))
+        if self.ignore_empty:
+            axes = tuple(range(1, len(y_true.shape)))
+            w = w * ops.cast(ops.sum(ops.cast(y_true, "float32"), axis=axes) > 0, "float32")
+        value = ops.where(w > 0, value, ops.zeros_like(value))
+        self.total.assign_add(ops.sum(value * w))
+        self.count.assign_add(ops.sum(w))
+
+    def result(self):
+        return ops.where(self.count > 0, self.total / ops.maximum(self.count, 1e-12), 0.0)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold, "include_background": self.include_background,
+                "ignore_empty": self.ignore_empty}
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class DiceScore(_MaskOverlap):
+    """Foreground Dice of thresholded masks, averaged over images with known masks.
+
+    ``include_background=True`` averages in the background Dice (name ``dice_with_bg``:
+    not comparable with the foreground number; see :func:`mask_overlap_per_image`).
+    """
+
+    _index = 0
+
+    def __init__(self, threshold: float = 0.5, include_background: bool = False, ignore_empty: bool = False,
+                 name=None, **kwargs):
+        name = name or ("dice_with_bg" if include_background else "dice")
+        super().__init__(threshold=threshold, include_background=include_background, ignore_empty=ignore_empty,
+                         name=name, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class MaskIoU(_MaskOverlap):
+    """Foreground IoU (Jaccard) of thresholded masks, averaged over images with known masks
+    (``include_background=True``: name ``iou_with_bg``, foreground and background averaged)."""
+
+    _index = 1
+
+    def __init__(self, threshold: float = 0.5, include_background: bool = False, ignore_empty: bool = False,
+                 name=None, **kwargs):
+        name = name or ("iou_with_bg" if include_background else "iou")
+        super().__init__(threshold=threshold, include_background=include_background, ignore_empty=ignore_empty,
+                         name=name, **kwargs)
+
+
 def head_metrics(heads, num_classes: int) -> dict:
-    """Compile metrics keyed by head: accuracy/AUC/F1 for class heads, mean IoU for boxes."""
+    """Compile metrics keyed by head: accuracy/AUC/F1 for class heads, mean IoU for boxes,
+    foreground Dice and IoU for masks."""
     out = {}
     for h in heads:
         if h == "class":
@@ -67,4 +176,6 @@ def head_metrics(heads, num_classes: int) -> dict:
             out[h] = [keras.metrics.BinaryAccuracy(name="acc"), keras.metrics.AUC(name="auc")]
         elif h == "subtype":
             out[h] = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
+        elif h == "mask":
+            out[h] = [DiceScore(), MaskIoU()]
     return out

@@ -116,12 +116,15 @@ class MultiTaskModel(keras.Model):
         """Freeze the layers of heads whose loss weight is 0 (``<head>`` and ``<head>_*``),
         unfreeze those of active heads; returns the frozen layer names."""
         frozen = []
+        # longest matching head wins: `mask_aux1_conv` belongs to `mask_aux1`, not `mask`
+        by_length = sorted(self.heads, key=len, reverse=True)
         for layer in self.network.layers:
-            for h in self.heads:
-                if layer.name == h or layer.name.startswith(h + "_"):
-                    layer.trainable = h in self.active_heads
-                    if not layer.trainable:
-                        frozen.append(layer.name)
+            h = next((h for h in by_length if layer.name == h or layer.name.startswith(h + "_")), None)
+            if h is None:
+                continue
+            layer.trainable = h in self.active_heads
+            if not layer.trainable:
+                frozen.append(layer.name)
         return frozen
 
     @property

@@ -5,12 +5,17 @@ import tensorflow as tf
 import keras
 
 from src.models import create_model, list_models
-from src.training.multitask import MultiTaskModel, load_checkpoint
+from src.training.multitask import MultiTaskModel, load_checkpoint, target_key
 
-LOSSES = {"class": "ce", "multilabel": "bce", "boxes": "giou"}
+# one loss per target; auxiliary heads (``mask_aux1``) use their target's loss
+LOSSES = {"class": "ce", "multilabel": "bce", "boxes": "giou", "mask": "dice_focal", "tumor": "bce",
+          "subtype": "ce", "x": "mse"}
 # generic architectures run over light backbones here; resnet101_detector keeps its ResNet101
 TINY = {"small_cnn": {"widths": (4, 8)}, "detector": {"backbone": "mobilenet_v3_small"},
-        "classifier": {"backbone": "mobilenet_v2"}}
+        "classifier": {"backbone": "mobilenet_v2"},
+        "efficient_mtnet": {"ltd_channels": (8, 8, 8), "widths": (8, 12, 16), "blocks": (1, 1, 1), "expansion": 2,
+                            "neck_channels": 16, "decoder_channels": (16, 8), "ham_channels": 8, "ham_rank": 4,
+                            "class_hidden": 8}}
 NUM_CLASSES = 3
 
 
@@ -28,6 +33,16 @@ def tiny_batch(outputs, n=4, size=32, seed=0):
         lo = rng.uniform(0, .5, (n, NUM_CLASSES, 2)).astype("float32")
         y["boxes"] = np.concatenate([lo, lo + .3], -1)
         w["boxes"] = np.ones((n, NUM_CLASSES), "float32")
+    if any(target_key(h) == "mask" for h in outputs):
+        m = np.zeros((n, size, size, 1), "float32")
+        m[:, size // 4: size // 2, size // 4: size // 2] = 1.0
+        y["mask"], w["mask"] = m, np.ones(n, "float32")
+    if "tumor" in outputs:
+        y["tumor"] = rng.integers(0, 2, n).astype("float32")
+        w["tumor"] = np.ones(n, "float32")
+    if "subtype" in outputs:
+        y["subtype"] = rng.integers(0, 3, n).astype("int32")
+        w["subtype"] = y["tumor"] if "tumor" in y else np.ones(n, "float32")
     return x, y, w
 
 
@@ -42,7 +57,7 @@ def test_one_step_fit_and_save_load_identical(name, tmp_path):
     keras.utils.set_random_seed(0)
     net = create_model(name, num_classes=NUM_CLASSES, image_size=32, weights=None, **TINY.get(name, {}))
     outputs = list(net.output)
-    model = MultiTaskModel(net, {h: LOSSES[h] for h in outputs})
+    model = MultiTaskModel(net, {h: LOSSES[target_key(h)] for h in outputs})
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     x, y, w = tiny_batch(outputs)
     hist = model.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(4), epochs=1, verbose=0)
