@@ -20,7 +20,7 @@ train: $(STAMP)
 	$(PY) -m src.train phase=3 $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=30 $(ARGS)
 
 describe: $(STAMP)
 	$(PY) -m src.data.describe $(ARGS)
