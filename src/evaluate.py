@@ -35,7 +35,6 @@ import csv
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -45,7 +44,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from . import config as _config  # noqa: F401  (registers the ${project_root:} resolver)
-from .data.records import NO_TUMOR, DataError
+from .data.records import NO_TUMOR
 
 log = logging.getLogger("src.evaluate")
 
@@ -827,35 +826,10 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import compose
+    from .cli import cli_main
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-    try:
-        cfg = compose(args, config_name="evaluate")
-        if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
-            raise EvaluationError("checkpoint=PATH is required: a .keras file or a training run folder")
-        summary = run(cfg, args)
-    except MissingMandatoryValue:
-        print("error: checkpoint=PATH is required: a .keras file or a training run folder", file=sys.stderr)
-        return 2
-    except (EvaluationError, DataError, FileNotFoundError, ValueError, HydraException, OmegaConfBaseException) as e:
-        # a clear one-paragraph error instead of a stack trace (BTMTL_DEBUG=1 shows it)
-        log.debug("traceback", exc_info=True)
-        if os.environ.get("BTMTL_DEBUG"):
-            raise
-        print(f"error: {type(e).__name__ if not isinstance(e, EvaluationError) else 'evaluation'}: {e}",
-              file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return cli_main(__doc__, "evaluate", run, argv, errors=(EvaluationError, ValueError),
+                    required=[("checkpoint", "checkpoint=PATH is required: a .keras file or a training run folder")])
 
 
 if __name__ == "__main__":

@@ -180,30 +180,18 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import compose
-    from .data.records import DataError
-    from .predict import PredictError
+    from .cli import cli_main
     from .evaluation.gradcam import GradCamError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from .predict import PredictError
 
     t0 = time.time()
-    try:
-        cfg = compose(args, config_name="explain")
+
+    def timed(cfg, args):
         summary = run(cfg, args)
-    except (DataError, GradCamError, PredictError, FileNotFoundError, ValueError, HydraException,
-            OmegaConfBaseException) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(summary, indent=2))
-    return 0
+        summary["seconds"] = round(time.time() - t0, 1)
+        return summary
+
+    return cli_main(__doc__, "explain", timed, argv, errors=(GradCamError, PredictError, ValueError))
 
 
 if __name__ == "__main__":

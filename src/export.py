@@ -350,29 +350,18 @@ def run(cfg) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import compose
+    from .cli import cli_main
     from .predict import PredictError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+    def status(report: dict) -> int:
+        if report.get("passed") is False:
+            print(f"error: the exported model differs from Keras by more than {report['tolerance']:g}: "
+                  f"{report['max_abs_diff']}", file=sys.stderr)
+            return 1
         return 0
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        cfg = compose(args, config_name="export")
-        report = run(cfg)
-    except (ExportError, PredictError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    if report.get("passed") is False:
-        print(f"error: the exported model differs from Keras by more than {report['tolerance']:g}: "
-              f"{report['max_abs_diff']}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main(__doc__, "export", lambda cfg, args: run(cfg), argv, errors=(ExportError, PredictError),
+                    exit_code=status)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -71,28 +70,6 @@ def run(cfg) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..config import compose
+    from ..cli import cli_main
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        cfg = compose(args, config_name="curate")
-        summary = run(cfg)
-    except (DataError, HydraException, OmegaConfBaseException, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        # weights errors of the optional embedding pass (imported only when it runs: keras is heavy)
-        bb = sys.modules.get("src.models.backbones")
-        if bb is not None and isinstance(e, (bb.WeightsUnavailableError, bb.WeightsMismatchError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-    print(json.dumps(summary, indent=2))
-    return 0
+    return cli_main(__doc__, "curate", lambda cfg, args: run(cfg), argv)

@@ -37,7 +37,6 @@ What is measured, exactly
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -321,24 +320,9 @@ def run(cfg) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..config import compose
+    from ..cli import cli_main
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        cfg = compose(args, config_name="efficiency")
-        res = run(cfg)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res, indent=2))
-    return 0
+    return cli_main(__doc__, "efficiency", lambda cfg, args: run(cfg), argv, errors=(ValueError,))
 
 
 if __name__ == "__main__":
