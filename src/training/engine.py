@@ -385,6 +385,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 if resume_from is None:
                     model.compile(optimizer=make_optimizer(trainer, lr, steps * epochs),
                                   metrics=head_metrics(metric_heads(model), bundle.class_map.num_classes), jit_compile=jit)
+                    # optimizer slots created now, not inside the first traced step (which
+                    # would then be traced twice)
+                    model.optimizer.build(model.trainable_variables)
                 else:
                     # keep the restored optimizer (its state and step count) but refresh the
                     # trainable set and metrics for this phase
