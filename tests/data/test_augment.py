@@ -267,3 +267,54 @@ def test_pack_unpack_and_nearest_resize():
     r = resize_nearest(m, 20, 30)
     ref = tf.image.resize(m[..., None].astype(np.uint8), [20, 30], method="nearest").numpy()[..., 0]
     np.testing.assert_array_equal(r, ref.astype(bool))
+
+
+def _packed_batch(masks):
+    boxes, bits = zip(*(pack_mask(m) for m in masks))
+    lengths = [len(b) for b in bits]
+    splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.stack(boxes).astype(np.int32), np.concatenate(bits).astype(np.uint8), splits
+
+
+def test_packed_mask_warp_matches_full_frame_warp():
+    """The ROI warp straight from packed crops gives the full-frame OpenCV warp: empty
+    masks, masks on the border, masks pushed out of the frame and strong transforms
+    included (differences only at fixed-point rounding ties)."""
+    rng = np.random.default_rng(5)
+    n, h, w = 24, 48, 72
+    masks = np.zeros((n, h, w), np.uint8)
+    for i in range(n - 3):
+        y0, x0 = rng.integers(0, h - 4), rng.integers(0, w - 4)
+        bh, bw = rng.integers(1, min(30, h - y0) + 1), rng.integers(1, min(40, w - x0) + 1)
+        masks[i, y0:y0 + bh, x0:x0 + bw] = rng.random((bh, bw)) < 0.7
+    masks[n - 3, :, :5] = 1   # touching the left edge
+    masks[n - 2, h - 2:, :] = 1   # the bottom rows
+    # masks[n - 1] stays empty
+    cfg = A.augment_config({"hflip": 0.5, "vflip": 0.5, "rotate_deg": 40, "scale": 0.4, "shift": 0.3})
+    mats = A.random_affine_matrices(n, cfg, tf.constant([3, 4], tf.int64), (h, w))
+    coef = A.index_transforms(mats, (h, w)).numpy()
+    boxes, bits, splits = _packed_batch(masks)
+    rows = np.arange(n)[::-1].copy()  # records are picked by index, in any order
+    got = A._warp_packed_np(coef, rows, boxes, bits, splits, h, w)[..., 0]
+    imgs = np.zeros((n, h, w, 1), np.uint8)
+    full = A._warp_cv2_np(imgs, masks[rows][..., None], coef)[1][..., 0]
+    assert got.shape == (n, h, w) and got.dtype == np.uint8
+    assert full.sum() > 1000 and got[0].sum() == 0  # rows[0] is the empty mask
+    assert np.sum(got != full) <= 0.002 * full.sum(), np.sum(got != full)
+    np.testing.assert_array_equal(A._unpack_packed_np(rows, boxes, bits, splits, h, w)[..., 0], masks[rows])
+
+
+def test_packed_rois_hold_every_reachable_pixel():
+    rng = np.random.default_rng(9)
+    for _ in range(20):
+        cfg = A.augment_config({"rotate_deg": 45, "scale": 0.5, "shift": 0.4, "hflip": 0.5})
+        mats = A.random_affine_matrices(1, cfg, tf.constant(rng.integers(0, 1000, 2), tf.int64), (40, 40))
+        coef = A.index_transforms(mats, (40, 40)).numpy()
+        m = np.zeros((40, 40), np.uint8)
+        y0, x0 = rng.integers(0, 30, 2)
+        m[y0:y0 + 8, x0:x0 + 6] = 1
+        full = A._warp_cv2_np(np.zeros((1, 40, 40, 1), np.uint8), m[None, ..., None], coef)[1][0, ..., 0]
+        ry0, ry1, rx0, rx1 = A.packed_rois(coef, [[y0, x0, 8, 6]], 40, 40)[0]
+        outside = full.copy()
+        outside[ry0:ry1, rx0:rx1] = 0
+        assert outside.sum() == 0

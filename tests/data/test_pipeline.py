@@ -419,3 +419,50 @@ def test_bad_config_values():
         plan_pipeline([], CM, {"mask_format": "rle"}, training=False)
     with pytest.raises(DataError, match="no records"):
         plan_pipeline([], CM, {}, training=False)
+
+
+def test_cached_and_streamed_training_batches_are_identical(recs, tmp_path):
+    """Same seed, no shuffling: the cache path (decode per element, cache, batch) and the
+    streaming path (decode per batch) give the same augmented images, masks and boxes."""
+    rs = [recs["png_rgb"], recs["jpg_grey"], recs["healthy"], recs["generic"]] * 3
+    cfg = {**EVAL, "batch_size": 4, "shuffle_buffer": 0, "augment": STRONG, "seed": 11,
+           "mask_cache_dir": str(tmp_path / "mc")}
+    streamed = all_batches(build_dataset(rs, CM, cfg, training=True))
+    cached = all_batches(build_dataset(rs, CM, {**cfg, "cache": "memory"}, training=True))
+    assert_same(streamed, cached)
+    assert sum(int(y["mask"].sum()) for _, y, _ in streamed) > 0
+
+
+def test_pure_tf_warp_masks_agree_with_cv2(recs, tmp_path):
+    """``warp: xla`` (no Python in the graph: masks unpacked by TF ops) and the default
+    OpenCV path (masks warped straight from their packed crops) agree on the masks."""
+    rs = [recs["png_rgb"], recs["jpg_grey"], recs["healthy"]] * 4
+    geo = {**ZERO, "hflip": 0.5, "rotate_deg": 20, "scale": 0.1, "shift": 0.05}
+    base = {"image_size": 48, "batch_size": 12, "shuffle_buffer": 0, "seed": 2, "xla": False}
+    a = np_batch(one_batch(rs, {**base, "augment": {**geo, "warp": "cv2"}}, training=True))
+    b = np_batch(one_batch(rs, {**base, "augment": {**geo, "warp": "xla"}}, training=True))
+    assert a[1]["mask"].sum() > 100
+    assert np.mean(a[1]["mask"] != b[1]["mask"]) < 0.005
+    np.testing.assert_allclose(a[1]["boxes"], b[1]["boxes"], atol=1e-5)
+    # and without geometric augmentation the pure-TF unpacking is exact
+    c = np_batch(one_batch(rs, {**base, "augment": {**ZERO, "hflip": 0.5, "warp": "xla"}}, training=True))
+    d = np_batch(one_batch(rs, {**base, "augment": {**ZERO, "hflip": 0.5, "warp": "cv2"}}, training=True))
+    np.testing.assert_array_equal(c[1]["mask"], d[1]["mask"])
+
+
+def test_cache_auto_caches_training_sets_that_fit(recs, monkeypatch):
+    import src.data.pipeline as P
+
+    rs = list(recs.values())
+    train = plan_pipeline(rs, CM, {**EVAL, "cache": "auto"}, training=True).summary()
+    assert train["cache"] == "memory" and "auto" in train["cache_decision"]
+    assert plan_pipeline(rs, CM, {**EVAL, "cache": "auto"}, training=False).summary()["cache"] == "off"
+    assert plan_pipeline(rs, CM, {**EVAL, "cache": False}, training=True).summary()["cache"] == "off"
+    monkeypatch.setattr(P, "CACHE_AUTO_FRACTION", 1e-15)  # nothing fits
+    tight = plan_pipeline(rs, CM, {**EVAL, "cache": "auto"}, training=True).summary()
+    assert tight["cache"] == "off" and "decoding every epoch" in tight["cache_decision"]
+    # the default is auto, and the cached training dataset runs
+    assert P.PIPELINE_DEFAULTS["cache"] == "auto"
+    monkeypatch.setattr(P, "CACHE_AUTO_FRACTION", 0.25)
+    ds = build_dataset(rs, CM, {**EVAL, "augment": STRONG, "repeat": 2}, training=True)
+    assert sum(int(x.shape[0]) for x, _, _ in ds) == 2 * len(rs)
