@@ -93,6 +93,9 @@ Config keys (``cfg``: a dict or an OmegaConf node; other keys are ignored)
                                ``warp``: ``auto`` (= ``cv2``: OpenCV inside
                                ``tf.numpy_function``, fastest; single host), ``xla``
                                (pure TF graph) or ``tf`` (``ImageProjectiveTransformV3``).
+                               With ``xla`` / ``tf`` packed masks are also expanded by TF
+                               ops (no Python in the graph at all; slower), in training
+                               and evaluation datasets alike.
 ``preprocessing`` (``none``)   ``none`` (``[0, 1]``), ``caffe``/``imagenet_caffe``,
                                ``torch``, ``tf``, ``raw255`` (``[0, 255]``, for models that
                                normalise inside), or a ``keras.applications`` module /
@@ -895,7 +898,8 @@ def _make_dataset(plan: PipelinePlan) -> tf.data.Dataset:
     packed_masks = None
     if mask_fmt == "packed":
         bits, lengths = tab["mask_bits"]
-        python_masks = aug.resolve_warp(((cfg["augment"] or {}) if training else {}).get("warp", "auto")) == "cv2"
+        # NumPy / OpenCV inside the graph unless the config asks for a pure-TF warp
+        python_masks = aug.resolve_warp((cfg["augment"] or {}).get("warp", "auto")) == "cv2"
         packed_masks = PackedMasks(tab["meta"][:, 9:13], bits, lengths, (H, W), python=python_masks)
     ds = tf.data.Dataset.from_tensor_slices(slices)
 

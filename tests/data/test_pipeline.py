@@ -466,3 +466,18 @@ def test_cache_auto_caches_training_sets_that_fit(recs, monkeypatch):
     monkeypatch.setattr(P, "CACHE_AUTO_FRACTION", 0.25)
     ds = build_dataset(rs, CM, {**EVAL, "augment": STRONG, "repeat": 2}, training=True)
     assert sum(int(x.shape[0]) for x, _, _ in ds) == 2 * len(rs)
+
+
+def test_pure_tf_config_keeps_python_out_of_evaluation_graphs(recs):
+    """``warp: xla`` means no ``tf.numpy_function`` anywhere, also when not training."""
+    rs = [recs["png_rgb"], recs["jpg_grey"]]
+
+    def py_ops(cfg):
+        ds = build_dataset(rs, CM, {**EVAL, **cfg}, training=False)
+        ser = tf.raw_ops.DatasetToGraphV2(input_dataset=ds._variant_tensor, external_state_policy=0)
+        gdef = tf.compat.v1.GraphDef.FromString(ser.numpy())
+        names = [n.op for f in gdef.library.function for n in f.node_def] + [n.op for n in gdef.node]
+        return sum(op in ("PyFunc", "PyFuncStateless", "EagerPyFunc") for op in names)
+
+    assert py_ops({"augment": {"warp": "xla"}}) == 0
+    assert py_ops({"augment": {"warp": "auto"}}) > 0  # the default unpacks masks in NumPy
