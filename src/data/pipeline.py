@@ -183,7 +183,9 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "dct_scaling": True,
     "backbone": None,
     "xla": True,
+    "sampling": "natural",
 }
+SAMPLING = ("natural", "balanced")
 
 TARGET_KEYS: tuple[str, ...] = ("class", "multilabel", "tumor", "subtype", "boxes",
                                 "boxes_all", "boxes_all_classes", "boxes_all_count", "mask")
@@ -328,6 +330,8 @@ def pipeline_config(cfg) -> dict:
         raise ValueError(f"data.cache must be auto, false, 'memory' or a file path, got {out['cache']!r}")
     if out["cache"] == "":
         out["cache"] = False
+    if out["sampling"] not in SAMPLING:
+        raise ValueError(f"data.sampling must be one of {' | '.join(SAMPLING)}, got {out['sampling']!r}")
     npc = out["num_parallel_calls"]
     out["num_parallel_calls"] = tf.data.AUTOTUNE if npc in ("auto", None, -1, "AUTOTUNE") else int(npc)
     out["augment"] = aug.augment_config(out["augment"] or {}) if out["augment"] is not None else None
@@ -633,6 +637,7 @@ class PipelinePlan:
     any_pad: bool
     mask_bytes: int = 0
     stats: dict = field(default_factory=dict)
+    sample_class: Optional[np.ndarray] = None  # [N] class id, num_classes for an unknown label
 
     def summary(self) -> dict:
         return {"records": self.n, "channels_decoded": self.channels, "codecs": [f"{f}/{r}" for f, r in self.codecs],
@@ -722,10 +727,33 @@ def plan_pipeline(records: Sequence[Record], class_map: ClassMap, cfg, training:
         "resized_after_decode": int(np.sum(need_resize)),
         "image_size": list(size),
     }
+    sample_class = np.where(targets["class_w"] > 0, targets["class"], class_map.num_classes).astype(np.int32)
+    if training and cfg["sampling"] != "natural":
+        stats["sampling"] = {"mode": cfg["sampling"], **sampling_distributions(sample_class, class_map.num_classes)}
+        log.info("data sampling: %s (class shares %s -> %s; last entry: unknown label)", cfg["sampling"],
+                 stats["sampling"]["initial"], stats["sampling"]["target"])
     return PipelinePlan(cfg=cfg, training=bool(training), heads=heads_set, n=len(records), channels=channels,
                         codecs=codecs, table=table, targets=tgt, any_resize=any(need_resize),
                         any_pad=any(g[2] or g[3] or g[0] != H or g[1] != W for g in geometry),
-                        mask_bytes=mask_bytes, stats=stats)
+                        mask_bytes=mask_bytes, stats=stats, sample_class=sample_class)
+
+
+def sampling_distributions(sample_class: np.ndarray, num_classes: int) -> dict:
+    """``data.sampling=balanced``: the records' class distribution and the one sampled.
+
+    Every class that has records gets the same share; records with an unknown label
+    (bucket ``num_classes``) keep their natural share. Returns ``{"initial", "target"}``
+    as lists over the ``num_classes + 1`` buckets.
+    """
+    counts = np.bincount(sample_class, minlength=num_classes + 1).astype(np.float64)
+    initial = counts / max(1.0, counts.sum())
+    target = np.zeros_like(initial)
+    present = counts[:num_classes] > 0
+    unknown = initial[num_classes]
+    if present.any():
+        target[:num_classes][present] = (1.0 - unknown) / present.sum()
+    target[num_classes] = unknown
+    return {"initial": initial.round(6).tolist(), "target": target.round(6).tolist()}
 
 
 def available_memory() -> Optional[int]:
@@ -969,9 +997,18 @@ def _make_dataset(plan: PipelinePlan) -> tf.data.Dataset:
     rep = cfg["repeat"]
     reps = None if rep is True else (int(rep) if rep not in (False, None, 0) else 0)
 
+    balanced = training and cfg["sampling"] == "balanced"
+
     def _shuffle_repeat(d):
         if shuffle and buf > 1:
             d = d.shuffle(buf, seed=seed, reshuffle_each_iteration=True)
+        if balanced:
+            d = _resample_classes(d.repeat(), plan, seed)
+            if rep is not True:  # an epoch is still one pass' worth of records
+                d = d.take(plan.n)
+                if reps and reps > 1:
+                    d = d.repeat(reps)
+            return d
         if rep is True:
             d = d.repeat()
         elif reps and reps > 1:
@@ -1071,6 +1108,25 @@ def _make_dataset(plan: PipelinePlan) -> tf.data.Dataset:
     opts.experimental_optimization.map_parallelization = True
     ds = ds.with_options(opts)
     return ds
+
+
+def _resample_classes(d: tf.data.Dataset, plan: PipelinePlan, seed) -> tf.data.Dataset:
+    """An endless stream in which every class is equally likely: rejection sampling of
+    the shuffled stream, each element kept with probability ``target/initial`` of its
+    class, scaled so the rarest class is always kept (frequent classes are skipped more
+    often; no image is repeated within a pass more than the shuffle would)."""
+    dist = plan.stats["sampling"]
+    initial, target = np.asarray(dist["initial"]), np.asarray(dist["target"])
+    ratio = np.divide(target, initial, out=np.zeros_like(target), where=initial > 0)
+    accept = tf.constant(ratio / max(ratio.max(), 1e-12), tf.float32)
+    table = tf.constant(plan.sample_class, tf.int32)
+    rnd = tf.data.Dataset.random(seed=None if seed is None else int(seed) + 7919, rerandomize_each_iteration=True)
+
+    def keep(el, r):
+        u = tf.cast(r % (1 << 24), tf.float32) / float(1 << 24)
+        return u < tf.gather(accept, tf.gather(table, el["meta"][0]))
+
+    return tf.data.Dataset.zip((d, rnd)).filter(keep).map(lambda el, _r: el)
 
 
 def build_dataset(records: Sequence[Record], class_map: ClassMap, cfg, training: bool,

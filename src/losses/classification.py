@@ -193,6 +193,8 @@ class SparseCategoricalFocalLoss(MaskedLoss):
         alpha: ``None`` (1), one float for all classes, or one float per class.
         from_logits: ``y_pred`` holds logits.
         normalize: ``"weights"`` (masked mean over samples, default) or ``"batch"``.
+        label_smoothing: ``s`` in [0, 1): the target becomes ``(1 - s) * one_hot + s / K``
+            (Szegedy et al. 2016); the focal factor still uses the true class.
         name, reduction: as for any Keras loss.
 
     ``y_true`` is ``[B]`` or ``[B, 1]`` integer labels, ``y_pred`` ``[B, K]``;
@@ -200,12 +202,15 @@ class SparseCategoricalFocalLoss(MaskedLoss):
     does not matter (an out-of-range value such as -1 is harmless: its one-hot row is 0).
     """
 
-    def __init__(self, gamma=2.0, alpha=None, from_logits=False, normalize="weights",
+    def __init__(self, gamma=2.0, alpha=None, from_logits=False, normalize="weights", label_smoothing=0.0,
                  name="sparse_categorical_focal_loss", reduction="sum_over_batch_size", dtype=None):
         super().__init__(normalize=normalize, name=name, reduction=reduction)
         self.gamma = float(gamma)
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.label_smoothing = float(label_smoothing or 0.0)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.alpha = _float_list(alpha, "alpha")
         self.from_logits = bool(from_logits)
 
@@ -227,7 +232,11 @@ class SparseCategoricalFocalLoss(MaskedLoss):
             p = ops.clip(p, eps, 1.0 - eps)
             log_p = ops.log(p / ops.sum(p, axis=-1, keepdims=True))
         log_pt = ops.sum(one_hot * log_p, axis=-1)
-        loss = -log_pt
+        if self.label_smoothing:
+            s = self.label_smoothing
+            loss = -((1.0 - s) * log_pt + s * ops.mean(log_p, axis=-1))
+        else:
+            loss = -log_pt
         if self.gamma > 0:
             # max(., tiny): finite gradient of x ** gamma at x = 0 also for gamma < 1
             loss = loss * ops.power(ops.maximum(1.0 - ops.exp(log_pt), 1e-12), self.gamma)
@@ -241,7 +250,8 @@ class SparseCategoricalFocalLoss(MaskedLoss):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"gamma": self.gamma, "alpha": self.alpha, "from_logits": self.from_logits})
+        config.update({"gamma": self.gamma, "alpha": self.alpha, "from_logits": self.from_logits,
+                       "label_smoothing": self.label_smoothing})
         return config
 
 
@@ -253,9 +263,9 @@ class MaskedSparseCategoricalCrossentropy(SparseCategoricalFocalLoss):
     per class) weights each sample by the weight of its true class.
     """
 
-    def __init__(self, from_logits=False, class_weights=None, normalize="weights",
+    def __init__(self, from_logits=False, class_weights=None, normalize="weights", label_smoothing=0.0,
                  name="masked_sparse_ce", reduction="sum_over_batch_size", dtype=None):
-        super().__init__(gamma=0.0, alpha=class_weights, from_logits=from_logits,
+        super().__init__(gamma=0.0, alpha=class_weights, from_logits=from_logits, label_smoothing=label_smoothing,
                          normalize=normalize, name=name, reduction=reduction)
 
     def get_config(self):

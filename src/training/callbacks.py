@@ -38,6 +38,8 @@ from typing import Any, Mapping, Optional
 
 import keras
 
+from .optim import swap_ema, uses_ema
+
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
@@ -191,7 +193,16 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         if is_improvement(value, self.best, self.mode, self.min_delta):
             previous = self.best
             self.best, self.best_epoch = float(value), epoch + 1
-            if self.save_last:
+            opt = getattr(self.model, "optimizer", None)
+            if opt is not None and uses_ema(opt):
+                # the averaged weights were validated: they are the model to keep
+                # (last.keras keeps the raw weights, with the averages in the optimizer)
+                swap_ema(opt)
+                try:
+                    atomic_save_model(self.model, self.best_path)
+                finally:
+                    swap_ema(opt)
+            elif self.save_last:
                 atomic_copy(self.last_path, self.best_path)  # same bytes, no second save
             else:
                 atomic_save_model(self.model, self.best_path)
@@ -299,6 +310,21 @@ class LogBalancerState(keras.callbacks.Callback):
             logs.update(self.values())
 
 
+class LogLearningRate(keras.callbacks.Callback):
+    """Add the optimizer's current learning rate to the epoch logs as ``learning_rate``
+    (a schedule's value at the step reached), for ``history.csv``, MLflow and TensorBoard.
+    Put it before those callbacks."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        opt = getattr(self.model, "optimizer", None)
+        if logs is None or opt is None or "learning_rate" in logs:
+            return
+        try:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(opt.learning_rate))
+        except Exception:  # noqa: BLE001 - an optimizer without a readable rate
+            pass
+
+
 class TimeLimit(keras.callbacks.Callback):
     """Stop training gracefully at an epoch end once ``seconds`` have passed.
 
@@ -358,6 +384,6 @@ def make_callbacks(run_dir, monitor: str = "val_loss", mode: str = "auto", phase
     return cbs
 
 
-__all__ = ["BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "TimeLimit",
+__all__ = ["BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "LogLearningRate", "TimeLimit",
            "load_epoch_state", "make_callbacks", "atomic_write_json", "atomic_write_text",
            "atomic_save_model", "resolve_mode", "is_improvement"]

@@ -227,28 +227,6 @@ def apply_unfreeze(model, model_cfg: dict, spec) -> Optional[dict]:
     return summary
 
 
-def make_optimizer(trainer: dict, learning_rate: float, total_steps: int):
-    import keras
-
-    schedule = trainer.get("schedule", "constant")
-    lr = learning_rate
-    if schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, total_steps), alpha=0.05)
-    elif schedule not in ("constant", "plateau"):
-        raise ValueError(f"trainer.schedule must be constant | cosine | plateau, got {schedule!r}")
-    kw = {"learning_rate": lr}
-    if trainer.get("clip_norm"):
-        kw["global_clipnorm"] = float(trainer["clip_norm"])
-    name = trainer.get("optimizer", "adamw")
-    if name == "adam":
-        return keras.optimizers.Adam(**kw)
-    if name == "adamw":
-        return keras.optimizers.AdamW(weight_decay=float(trainer.get("weight_decay") or 0.0), **kw)
-    if name == "sgd":
-        return keras.optimizers.SGD(momentum=0.9, weight_decay=trainer.get("weight_decay") or None, **kw)
-    raise ValueError(f"trainer.optimizer must be adam | adamw | sgd, got {name!r}")
-
-
 # ---------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------
@@ -267,9 +245,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from ..data.dataset import load_data
     from ..data.pipeline import build_dataset
     from ..tracking import Tracker, flatten_config
-    from .callbacks import BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, load_epoch_state
+    from .budget import TimeBudget, fmt_seconds, load_budget_state, parse_duration, phase_budgets
+    from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
+                            load_epoch_state)
     from .metrics import head_metrics
     from .multitask import load_checkpoint
+    from .optim import EMAValidation, make_optimizer, schedule_of, uses_ema
     from .plots import plot_history
     from .precision import resolve_jit, set_precision
     from .strategy import describe_strategy, get_strategy
@@ -309,7 +290,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise ValueError(f"need train and val splits, got {len(train_recs)} train / {len(val_recs)} val records")
     (run_dir / "data_summary.json").write_text(json.dumps(bundle.summary(), indent=2))
     info = {"model": model_name, "data": data_name, "phases": phases, "classes": list(bundle.class_map.classes),
-            "image_size": data_cfg["image_size"], "precision": policy, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "image_size": data_cfg["image_size"], "precision": policy, "sampling": data_cfg.get("sampling", "natural"),
+            "max_time": trainer.get("max_time"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
@@ -350,9 +332,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         info["initial_checkpoint"] = str(init_ckpt) if init_ckpt else None
         (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
 
+    budgets = phase_budgets(parse_duration(trainer.get("max_time")), phases, table, int(trainer["max_epochs"]))
+    if any(budgets.values()):
+        print("time budget: " + ", ".join(f"phase {p} {fmt_seconds(b)}" for p, b in budgets.items() if b))
+
     with tracker.start(run_name, params=flatten_config(OmegaConf.to_container(cfg, resolve=True)),
                        tags={"model": model_name, "data": data_name, "phase": str(cfg.phase)}):
         for phase in phases:
+            phase_start = time.monotonic()
             pcfg = table[phase]
             pdir = run_dir / f"phase{phase}"
             ckdir = pdir / "checkpoints"
@@ -362,8 +349,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 init_ckpt = ckdir / "best.keras"
                 continue
             pdir.mkdir(parents=True, exist_ok=True)
-            # a phase's own epochs, capped by trainer.max_epochs (so a CLI override always limits)
+            # a phase's own epochs, capped by trainer.max_epochs (so a CLI override always limits);
+            # with a time budget the budget decides, up to trainer.max_epochs
+            budget = budgets.get(phase)
             epochs = min(int(pcfg.get("epochs") or trainer["max_epochs"]), int(trainer["max_epochs"]))
+            fit_epochs = int(trainer["max_epochs"]) if budget else epochs
             lr = float(pcfg.get("learning_rate") or trainer["learning_rate"])
             state = load_epoch_state(pdir / "state.json") if trainer.get("resume") else None
             resume_from = ckdir / "last.keras" if state and (ckdir / "last.keras").is_file() else None
@@ -379,11 +369,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                                                      data_cfg["image_size"], train_recs)
                 if pcfg.get("loss_weights"):
                     model.set_loss_weights(weights_for(pcfg["loss_weights"], model.heads) or {})
+                model.train_metrics = str(trainer.get("train_metrics") or "light")
+                if model.train_metrics not in ("full", "light", "loss"):
+                    raise ValueError(f"trainer.train_metrics must be full | light | loss, got {model.train_metrics!r}")
                 unfreeze = apply_unfreeze(model, model_cfg, pcfg.get("unfreeze"))
                 model.freeze_inactive_heads()
                 active = model.active_heads
                 if resume_from is None:
-                    model.compile(optimizer=make_optimizer(trainer, lr, steps * epochs),
+                    model.compile(optimizer=make_optimizer(trainer, lr, steps * epochs, steps_per_epoch=steps),
                                   metrics=head_metrics(metric_heads(model), bundle.class_map.num_classes), jit_compile=jit)
                     # optimizer slots created now, not inside the first traced step (which
                     # would then be traced twice)
@@ -395,25 +388,39 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                   metrics=head_metrics(metric_heads(model), bundle.class_map.num_classes),
                                   jit_compile=jit)
             n_train = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
-            print(f"phase {phase}: heads {active}, {n_train:,} trainable params, lr {lr:g}, {epochs} epochs "
-                  f"x {steps} steps")
+            plan = (f"a {fmt_seconds(budget)} budget (epochs planned after the first, at most {fit_epochs})"
+                    if budget else f"{epochs} epochs")
+            print(f"phase {phase}: heads {active}, {n_train:,} trainable params, lr {lr:g}, {plan} x {steps} steps"
+                  + (", weight EMA" if uses_ema(model.optimizer) else ""))
             initial_epoch = int(state["epoch"]) if resume_from is not None else 0
             callbacks = [
+                *([EMAValidation()] if uses_ema(model.optimizer) else []),
                 *([LogBalancerState()] if model.balancer.mode != "static" else []),
+                LogLearningRate(),
                 BestAndLastCheckpoint(ckdir, monitor=monitor, mode=_monitor_mode(monitor),
                                       initial_best=state.get("best") if resume_from is not None else None),
                 EpochStateCheckpoint(pdir / "state.json", monitor=monitor, phase=phase),
                 keras.callbacks.CSVLogger(str(pdir / "history.csv"), append=resume_from is not None),
                 *tracker.keras_callbacks(prefix=f"phase{phase}/"),
             ]
-            if trainer.get("early_stopping_patience"):
+            if trainer.get("early_stopping_patience") and budget:
+                print(f"phase {phase}: early stopping is off under a time budget (the schedule runs to its planned "
+                      f"end; the best epoch is still kept by {monitor})")
+            elif trainer.get("early_stopping_patience"):
                 callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=_monitor_mode(monitor),
                                                                patience=int(trainer["early_stopping_patience"])))
             if trainer.get("schedule") == "plateau":
                 callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=_monitor_mode(monitor),
                                                                    factor=0.3, patience=2))
-            if initial_epoch < epochs:
-                model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+            timer = None
+            if budget:
+                spent = float(load_budget_state(pdir / "budget.json").get("elapsed_s") or 0.0) \
+                    if resume_from is not None else 0.0
+                timer = TimeBudget(budget, steps, fit_epochs, schedule=schedule_of(model.optimizer),
+                                   start=phase_start, spent=spent, state_path=pdir / "budget.json", say=print)
+                callbacks.append(timer)  # last: its epoch time includes the checkpoints
+            if initial_epoch < fit_epochs:
+                model.fit(train_ds, validation_data=val_ds, epochs=fit_epochs, initial_epoch=initial_epoch,
                           shuffle=False,  # the pipeline shuffles; Keras' flag only warns for tf.data
                           steps_per_epoch=steps if trainer.get("steps_per_epoch") else None,
                           validation_steps=val_steps if trainer.get("validation_steps") else None,
@@ -425,7 +432,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             res = best.evaluate(val_ds, return_dict=True, verbose=0,
                                 steps=val_steps if trainer.get("validation_steps") else None)
             metrics = {"phase": phase, "checkpoint": str(best_path), "val": {k: float(v) for k, v in res.items()},
-                       "unfreeze": unfreeze, "balancer": best.balancer.state()}
+                       "unfreeze": unfreeze, "balancer": best.balancer.state(),
+                       "seconds": round(time.monotonic() - phase_start, 1)}
+            if timer is not None:
+                metrics["budget"] = timer.summary(timer.epochs_run + initial_epoch)
+                metrics["budget"]["elapsed_s"] = round(timer.elapsed(), 1)
             if "class" in heads:
                 metrics["chance_accuracy"] = 1.0 / bundle.class_map.num_classes
             (pdir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -28,6 +28,9 @@ from ..losses.balancing import LossBalancer
 
 #: heads whose target is the input image itself
 RECON_HEADS = ("recon", "reconstruction")
+#: heads whose training batches report an accuracy under ``train_metrics=light``
+ACCURACY_HEADS = ("class", "multilabel", "tumor", "subtype")
+BINARY_HEADS = ("multilabel", "tumor")
 
 
 def target_key(head: str) -> str:
@@ -89,6 +92,15 @@ class MultiTaskModel(keras.Model):
                                      name="loss_balancer")
         self._static_weights = {h: float((loss_weights or {}).get(h, 1.0)) for h in self.heads}
         self.head_loss_trackers = {h: keras.metrics.Mean(name=f"{h}_loss") for h in self.heads}
+        # cheap training-batch metrics (``train_metrics="light"``): accuracy of the class-type heads
+        outs = self.output_names_of(network)
+        self.train_accuracy = {h: (keras.metrics.BinaryAccuracy(name=f"{h}_acc") if h in BINARY_HEADS
+                                   else keras.metrics.SparseCategoricalAccuracy(name=f"{h}_acc"))
+                               for h in outs if h in ACCURACY_HEADS}
+        #: ``full`` (training batches get every compiled metric), ``light`` (losses and
+        #: accuracy only: AUC, F1, IoU and Dice are validation metrics) or ``loss``
+        self.train_metrics = "full"
+        self._tracing_train_step = False
 
     @staticmethod
     def output_names_of(network) -> list:
@@ -164,7 +176,26 @@ class MultiTaskModel(keras.Model):
             total = total + ops.cast(ops.sum(self.losses), "float32")
         return total / replicas
 
+    def train_step(self, data):
+        # a Python flag, read while the train step is traced (compute_metrics and
+        # get_metrics_result run inside it): the test step is traced without it
+        self._tracing_train_step = True
+        try:
+            return super().train_step(data)
+        finally:
+            self._tracing_train_step = False
+
+    def _light(self) -> bool:
+        return self._tracing_train_step and self.train_metrics != "full"
+
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self._light():
+            if self.train_metrics == "light" and isinstance(y, Mapping) and isinstance(y_pred, Mapping):
+                for h, metric in self.train_accuracy.items():
+                    if h in y and h in y_pred:
+                        sw = sample_weight.get(h) if isinstance(sample_weight, Mapping) else None
+                        metric.update_state(y[h], y_pred[h], sample_weight=sw)
+            return self.get_metrics_result()
         if isinstance(y, Mapping) and isinstance(y_pred, Mapping):
             # compiled metrics see only heads that have a target of their own (not aux or
             # reconstruction heads) and only targets that some head outputs
@@ -178,9 +209,28 @@ class MultiTaskModel(keras.Model):
     def metrics(self):
         # only heads that learn in this phase report a loss (Keras may track them itself)
         inactive = {id(t) for h, t in self.head_loss_trackers.items() if h not in self.active_heads}
-        base = [m for m in super().metrics if id(m) not in inactive]
+        accuracy = {id(m) for m in self.train_accuracy.values()}
+        base = [m for m in super().metrics if id(m) not in inactive and id(m) not in accuracy]
         trackers = [self.head_loss_trackers[h] for h in self.active_heads]
-        return base + [t for t in trackers if all(t is not b for b in base)]
+        return base + [t for t in trackers if all(t is not b for b in base)] + list(self.train_accuracy.values())
+
+    def get_metrics_result(self):
+        # training batches under train_metrics=light|loss: losses (+ accuracy), no compiled
+        # metrics; everywhere else the compiled metrics and never the training-only ones
+        light = self._light()
+        skip = {id(m) for m in self.train_accuracy.values()} if not light or self.train_metrics == "loss" else set()
+        if light and getattr(self, "_compile_metrics", None) is not None:
+            skip.add(id(self._compile_metrics))
+        out = {}
+        for m in self.metrics:
+            if id(m) in skip or not getattr(m, "built", True):  # compiled metrics never updated in training
+                continue
+            r = m.result()
+            if isinstance(r, Mapping):
+                out.update(r)
+            else:
+                out[m.name] = r
+        return out
 
     # ---- serialisation --------------------------------------------------------------
     def get_config(self):
@@ -217,7 +267,7 @@ def load_checkpoint(path) -> MultiTaskModel:
 
     from .. import losses as _losses  # noqa: F401
     from ..models import layers as _layers, list_models  # noqa: F401
-    from . import metrics as _metrics  # noqa: F401
+    from . import metrics as _metrics, optim as _optim  # noqa: F401
 
     list_models()  # imports every architecture module (their custom layers)
     path = Path(path)

@@ -25,6 +25,8 @@ def plot_history(history_csv, out_png, title: Optional[str] = None) -> Optional[
         return None
     epochs = [int(float(r["epoch"])) + 1 for r in rows]
     keys = [k for k in rows[0] if k not in ("epoch", "learning_rate") and not k.startswith("val_")]
+    # validation-only metrics (training batches report losses and accuracy only by default)
+    keys += [k[4:] for k in rows[0] if k.startswith("val_") and k[4:] not in keys]
     if not keys:
         return None
     cols = min(4, len(keys))
@@ -33,8 +35,9 @@ def plot_history(history_csv, out_png, title: Optional[str] = None) -> Optional[
     for ax, k in zip(axes.flat, keys):
         def series(name):
             return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
-        train = series(k)
-        ax.plot(epochs, train, "o-", ms=3, label="train")
+        train = series(k) if k in rows[0] else []
+        if train:
+            ax.plot(epochs, train, "o-", ms=3, label="train")
         if f"val_{k}" in rows[0]:
             ax.plot(epochs, series(f"val_{k}"), "s--", ms=3, label="val")
         ax.set_title(k, fontsize=9)

@@ -481,3 +481,44 @@ def test_pure_tf_config_keeps_python_out_of_evaluation_graphs(recs):
 
     assert py_ops({"augment": {"warp": "xla"}}) == 0
     assert py_ops({"augment": {"warp": "auto"}}) > 0  # the default unpacks masks in NumPy
+
+
+def _class_records(tmp_path, counts):
+    """Tiny labelled records, ``counts[label]`` of each."""
+    recs = []
+    for label, n in counts.items():
+        for i in range(n):
+            path = write(tmp_path / f"{label}_{i}.png", texture(16, 16, len(recs)))
+            recs.append(Record(image=path, label=label, known={"label": True}))
+    return recs
+
+
+@pytest.mark.parametrize("cache", [False, "memory"])
+def test_balanced_sampling_gives_equal_class_shares(tmp_path, cache):
+    recs = _class_records(tmp_path, {"glioma": 36, "meningioma": 9, "pituitary": 15})
+    cfg = {**EVAL, "image_size": 16, "batch_size": 20, "cache": cache, "sampling": "balanced", "repeat": True}
+    ds = build_dataset(recs, CM, cfg, training=True, heads=["class"])
+    labels = np.concatenate([y["class"].numpy() for _, y, _ in ds.take(60)])
+    shares = np.bincount(labels, minlength=4) / len(labels)
+    # 1,200 draws: each present class ~1/3 (binomial sd ~0.014), the absent no_tumor never
+    np.testing.assert_allclose(shares[:3], 1 / 3, atol=0.05)
+    assert shares[3] == 0
+    # natural order keeps the records' own shares (glioma 60%)
+    nat = build_dataset(recs, CM, {**cfg, "sampling": "natural"}, training=True, heads=["class"])
+    labels = np.concatenate([y["class"].numpy() for _, y, _ in nat.take(60)])
+    assert abs(np.mean(labels == 0) - 0.6) < 0.02
+
+
+def test_balanced_sampling_epoch_length_and_seed(tmp_path):
+    recs = _class_records(tmp_path, {"glioma": 20, "pituitary": 5})
+    cfg = {**EVAL, "image_size": 16, "batch_size": 5, "sampling": "balanced", "seed": 3}
+    ds = build_dataset(recs, CM, cfg, training=True, heads=["class"])
+    one = [y["class"].numpy() for _, y, _ in ds]
+    assert sum(len(b) for b in one) == len(recs)           # an epoch is one pass' worth of records
+    again = [y["class"].numpy() for _, y, _ in build_dataset(recs, CM, cfg, training=True, heads=["class"])]
+    assert all((a == b).all() for a, b in zip(one, again))  # seeded: the same draw
+    # evaluation datasets are never resampled
+    ev = build_dataset(recs, CM, cfg, training=False, heads=["class"])
+    assert sorted(np.concatenate([y["class"].numpy() for _, y, _ in ev]).tolist()) == [0] * 20 + [2] * 5
+    with pytest.raises(ValueError, match="data.sampling"):
+        build_dataset(recs, CM, {**cfg, "sampling": "uniform"}, training=True)

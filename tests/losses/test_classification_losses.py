@@ -186,6 +186,21 @@ def test_focal_gamma_zero_equals_keras_sparse_ce(softmax_data):
             float(np.sum(per_sample * w) / np.sum(w)), rel=1e-5)
 
 
+def test_label_smoothing_equals_keras(softmax_data):
+    labels, logits, probs, w = softmax_data
+    for from_logits, pred in ((False, probs), (True, logits)):
+        ref = keras.losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=0.1)
+        ours = MaskedSparseCategoricalCrossentropy(from_logits=from_logits, label_smoothing=0.1, normalize="batch")
+        assert float(ours(labels, pred, sample_weight=w)) == pytest.approx(
+            float(ref(np.eye(4)[labels], pred, sample_weight=w)), rel=1e-5)
+    # it survives the config round trip; out-of-range values are refused
+    again = MaskedSparseCategoricalCrossentropy.from_config(
+        MaskedSparseCategoricalCrossentropy(label_smoothing=0.2).get_config())
+    assert again.label_smoothing == 0.2
+    with pytest.raises(ValueError, match="label_smoothing"):
+        MaskedSparseCategoricalCrossentropy(label_smoothing=1.0)
+
+
 def test_focal_matches_numpy_and_keras_focal(softmax_data):
     labels, logits, probs, _ = softmax_data
     alpha = [0.25, 0.5, 1.0, 2.0]
