@@ -435,8 +435,8 @@ def nb_03():
         ## IoU histogram (`src.evaluate`)
 
         IoU of every known box slot of the split (healthy slices have no box and count only
-        through the class head). mAP uses the class probabilities as confidence, which are
-        untrained in phase 1.
+        through the class head). The COCO mAP (pycocotools) uses the class probabilities as
+        confidence, which are untrained in phase 1.
         """),
         code("""
         from src.evaluation.plots import histogram_plot
@@ -446,9 +446,12 @@ def nb_03():
         if boxes is None:
             print("no box metrics (does this dataset have boxes?):", metrics.get("notes"))
         else:
-            print(f"{SPLIT}: {boxes['n_boxes']} boxes, mean IoU {boxes['mean_iou']:.3f}, median {boxes['median_iou']:.3f}, "
-                  f"IoU>=0.5 {boxes['iou_ge_0.5']:.3f}, IoU>=0.75 {boxes['iou_ge_0.75']:.3f}, mAP@0.5 {boxes.get('map50', float('nan')):.3f}")
-            show_png(histogram_plot(boxes["iou_histogram"], FIG_DIR / "iou_hist.png", f"Box IoU, {MODEL} phase 1, {SPLIT}",
+            coco_map50 = boxes.get("map50")  # null when no class has a true box
+            print(f"{SPLIT}: {boxes['n_boxes']} boxes, slot IoU mean {boxes['slot_iou_mean']:.3f}, "
+                  f"median {boxes['slot_iou_median']:.3f}, IoU>=0.5 {boxes['slot_iou_ge_0.5']:.3f}, "
+                  f"IoU>=0.75 {boxes['slot_iou_ge_0.75']:.3f}, COCO mAP@0.5 "
+                  f"{float('nan') if coco_map50 is None else coco_map50:.3f}")
+            show_png(histogram_plot(boxes["slot_iou_histogram"], FIG_DIR / "iou_hist.png", f"Box IoU, {MODEL} phase 1, {SPLIT}",
                                     "IoU", marks=(0.5, 0.75)))
             display(pd.DataFrame(boxes["per_class"]).T.round(3))
         """),

@@ -2,14 +2,17 @@
 
 Evaluates a trained model on one split and writes a report folder:
 
-* ``metrics.json``: per head (see :mod:`src.evaluation.metrics` for every definition):
+* ``metrics.json``: per head (see :mod:`src.evaluation.metrics` and
+  :mod:`src.evaluation.detection` for every definition; each head's ``implementations``
+  block names the library and convention behind each number):
   ``class`` (or the 4 classes composed from ``tumor`` + ``subtype``), ``multilabel``,
-  ``tumor``, ``subtype``: accuracy, balanced accuracy, per-class precision / recall /
-  F1 / support, macro / micro / weighted averages, confusion matrix, ROC-AUC
-  one-vs-rest, calibration (ECE + reliability bins), the class with the lowest recall;
-  ``boxes``: per-slot IoU statistics, IoU histogram, share >= 0.5 / 0.75, mAP@0.5 and
-  mAP@0.5:0.95; ``mask``: Dice / IoU (per image and mean), HD95 in pixels;
-  ``recon``: PSNR / SSIM.
+  ``tumor``, ``subtype`` (scikit-learn): accuracy, balanced accuracy, per-class
+  precision / recall / F1 / support (a class absent from the split is ``null``),
+  macro / weighted averages over the classes present, micro average, confusion matrix,
+  ROC-AUC one-vs-rest, Brier score, calibration (ECE + reliability bins), the class with
+  the lowest recall; ``boxes``: COCO mAP@0.5, mAP@0.5:0.95, mAP@0.75 (pycocotools), our
+  slot IoU statistics and VOC AP@0.5; ``mask``: Dice / IoU (per image and mean), HD95 in
+  pixels, COCO mask mAP (pycocotools, segm); ``recon``: PSNR / SSIM (tf.image).
 * PNG plots (confusion matrices, ROC curves, reliability diagrams, IoU / Dice
   histograms, a gallery of the worst and best cases), ``predictions.csv`` (one row per
   image) and ``report.html`` (one self-contained page with all of it).
@@ -248,6 +251,7 @@ class Collector:
         self.scores: dict[str, list] = {}
         self.thumbs: dict[str, list] = {"image": []}
         self.pooled = {"inter": 0.0, "pred": 0.0, "true": 0.0}
+        self.rles: dict[str, list] = {}
         self.image_shape: Optional[tuple] = None
         self.n = 0
 
@@ -282,6 +286,7 @@ class Collector:
         self.n += B
 
     def _add_mask(self, pm: np.ndarray, tm: np.ndarray, wm: np.ndarray, ts) -> None:
+        from .evaluation.detection import encode_masks
         from .evaluation.metrics import mask_scores
 
         B = len(tm)
@@ -300,6 +305,9 @@ class Collector:
             self.pooled["inter"] += float(np.logical_and(pb[known], tb[known]).sum())
             self.pooled["pred"] += float(pb[known].sum())
             self.pooled["true"] += float(tb[known].sum())
+        enc = {"pred": iter(encode_masks(pb[known])), "true": iter(encode_masks(tb[known]))}
+        for key, it in enc.items():  # COCO RLEs for the mask mAP, None where the mask is unknown
+            self.rles.setdefault(key, []).extend(next(it) if kn else None for kn in known)
         for k, v in sc.items():
             self._put(self.scores, f"mask_{k}", v)
         self._put(self.thumbs, "mask_pred", np.stack([_resize((pm[i] * 255).astype(np.uint8), ts) for i in range(B)]))
@@ -316,10 +324,11 @@ class Collector:
         self._put(self.thumbs, head, np.stack([_resize(_to_uint8_image(ri, unit), ts) for ri in r]))
 
     def arrays(self) -> dict:
-        """Everything concatenated: ``{"pred", "y", "w", "scores", "thumbs", "pooled", "n", "image_shape"}``."""
+        """Everything concatenated: ``{"pred", "y", "w", "scores", "thumbs", "pooled", "rles", "n",
+        "image_shape"}``."""
         cat = lambda d: {k: np.concatenate(v) for k, v in d.items() if v}  # noqa: E731
         return {"pred": cat(self.pred), "y": cat(self.y), "w": cat(self.w), "scores": cat(self.scores),
-                "thumbs": cat(self.thumbs), "pooled": dict(self.pooled), "n": self.n,
+                "thumbs": cat(self.thumbs), "pooled": dict(self.pooled), "rles": dict(self.rles), "n": self.n,
                 "image_shape": self.image_shape}
 
 
@@ -362,6 +371,7 @@ def compute_metrics(col: Mapping, class_map, threshold: float = 0.5, n_bins: int
     ``boxes_known [N]``: images whose boxes are known (the records' flags); default: every
     image with a known box slot.
     """
+    from .evaluation import detection as D
     from .evaluation import metrics as M
 
     pred, y = col["pred"], col["y"]
@@ -409,9 +419,10 @@ def compute_metrics(col: Mapping, class_map, threshold: float = 0.5, n_bins: int
         known_slots = np.asarray(col["w"]["boxes"]) > 0
         if known_slots.any():
             bk = known_slots.any(axis=1) if boxes_known is None else np.asarray(boxes_known, bool)
-            heads["boxes"] = M.box_report(pred["boxes"], y["boxes"], col["w"]["boxes"], classes,
+            heads["boxes"] = D.box_report(pred["boxes"], y["boxes"], col["w"]["boxes"], classes,
                                           boxes_all=y.get("boxes_all"), boxes_all_classes=y.get("boxes_all_classes"),
-                                          boxes_all_count=y.get("boxes_all_count"), scores=probs, known=bk)
+                                          boxes_all_count=y.get("boxes_all_count"), scores=probs, known=bk,
+                                          image_size=col.get("image_shape"))
         else:
             skipped("boxes", "no known boxes")
     sc = col["scores"]
@@ -421,6 +432,17 @@ def compute_metrics(col: Mapping, class_map, threshold: float = 0.5, n_bins: int
             heads["mask"] = M.mask_report({k: sc[f"mask_{k}"][sel] for k in ("dice", "iou", "hd95", "pred_area",
                                                                              "true_area")},
                                           col["image_shape"], pooled=col.get("pooled"))
+            rles = col.get("rles") or {}
+            if rles.get("pred"):
+                idx = np.flatnonzero(sel)
+                yc = np.where(_known(col, "class"), y["class"], -1)[idx] if "class" in y else None
+                mm = D.mask_map([rles["pred"][i] for i in idx], [rles["true"][i] for i in idx],
+                                probs=None if probs is None else probs[idx], y_class=yc, class_names=classes,
+                                p_tumor=pred["tumor"][idx] if "tumor" in pred else None)
+                impl = {**heads["mask"].pop("implementations"), **mm.pop("implementations")}
+                heads["mask"].update(mm, implementations=impl)
+                if mm.get("note"):
+                    notes.append(f"head 'mask': {mm['note']}")
         else:
             skipped("mask", "no known masks")
     for h in RECON_HEADS:
@@ -448,11 +470,12 @@ def headline(metrics: Mapping) -> dict:
                     "multilabel/roc_auc_macro": m["roc_auc"]["macro"]})
     if "boxes" in h:
         m = h["boxes"]
-        out.update({f"boxes/{k}": m.get(k) for k in ("mean_iou", "iou_ge_0.5", "iou_ge_0.75", "map50", "map50_95")})
+        out.update({f"boxes/{k}": m.get(k) for k in ("slot_iou_mean", "slot_iou_ge_0.5", "slot_iou_ge_0.75", "map50",
+                                                    "map50_95", "map75", "voc_map50")})
     if "mask" in h:
         m = h["mask"]
         out.update({f"mask/{k}": m.get(k) for k in ("dice_mean", "dice_mean_tumor_only", "iou_mean", "hd95_mean",
-                                                   "dice_global")})
+                                                   "dice_global", "map50", "map50_95")})
     for key in RECON_HEADS:
         if key in h:
             out.update({f"{key}/psnr": h[key]["psnr_mean"], f"{key}/ssim": h[key]["ssim_mean"]})
@@ -468,7 +491,7 @@ def _fmt_box(b) -> str:
 
 def prediction_rows(col: Mapping, class_map, threshold: float, meta: Sequence[Mapping]) -> list[dict]:
     """One dict per image for ``predictions.csv``."""
-    from .evaluation.metrics import slot_ious
+    from .evaluation.detection import slot_ious
 
     pred, y = col["pred"], col["y"]
     classes, tumor_classes = list(class_map.classes), list(class_map.tumor_classes)
@@ -535,7 +558,7 @@ def write_csv(path, rows: Sequence[Mapping]) -> Path:
 def gallery_ranking(col: Mapping, class_map, threshold: float) -> tuple[Optional[np.ndarray], np.ndarray, str]:
     """``(score per image (NaN = not ranked), candidate mask, what the score is)``: Dice on
     tumour images when masks exist, else the mean box IoU, else p(true class), else SSIM."""
-    from .evaluation.metrics import slot_ious
+    from .evaluation.detection import slot_ious
 
     sc, pred, y = col["scores"], col["pred"], col["y"]
     n = col["n"]
@@ -661,7 +684,7 @@ def make_plots(col: Mapping, metrics: Mapping, class_map, out_dir, threshold: fl
                                               title=f"Reliability ({title})"),
         }
     if "boxes" in h:
-        res["boxes"] = {"iou_hist": P.histogram_plot(h["boxes"]["iou_histogram"], out_dir / "iou_hist.png",
+        res["boxes"] = {"iou_hist": P.histogram_plot(h["boxes"]["slot_iou_histogram"], out_dir / "iou_hist.png",
                                                      "Box IoU (known slots)", "IoU", marks=(0.5, 0.75))}
     if "mask" in h:
         res["mask"] = {"dice_hist": P.histogram_plot(h["mask"]["dice_histogram"], out_dir / "dice_hist.png",

@@ -28,6 +28,7 @@ td:first-child,th:first-child{text-align:left}
 .plots{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
 .plots figure{margin:0}.plots img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.8em;color:#555}
+details.impl{font-size:.85em;margin:4px 0 10px}details.impl summary{cursor:pointer;color:#4c72b0}
 """
 
 
@@ -74,6 +75,18 @@ def _bar(v: Optional[float], width: int = 90) -> str:
     return f'<span class="bar" style="width:{max(1, int(round(v * width)))}px"></span>'
 
 
+def _implementations(m: Mapping) -> str:
+    """The head's ``implementations`` block: which library and convention gives each number."""
+    impl = m.get("implementations") or {}
+    if not impl:
+        return ""
+    rows = "".join(f"<tr><td><code>{html.escape(str(k))}</code></td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in impl.items())
+    return (f"<details class='impl'><summary>How each number is computed</summary>"
+            f"<table class='meta'><tr><th>metric</th><th>implementation and convention</th></tr>{rows}</table>"
+            f"</details>")
+
+
 def _classification_section(key: str, m: Mapping, plots: Mapping) -> str:
     title = {"class": "Classification", "tumor": "Tumour vs no tumour", "subtype": "Tumour subtype",
              "multilabel": "Multi-label classification"}.get(key, key)
@@ -109,6 +122,11 @@ def _classification_section(key: str, m: Mapping, plots: Mapping) -> str:
                          sum(pc["support"] for pc in m["per_class"].values()) if avg != "macro" else None, None])
             rcls.append("")
     out.append(_table(["class", "precision", "recall", "", "F1", "support", "ROC-AUC"], rows, row_classes=rcls))
+    absent = [c for c in m.get("per_class", {}) if c not in m.get("classes_present", m.get("per_class", {}))]
+    if absent:
+        out.append(f"<p class='note'>No image of {html.escape(', '.join(absent))} in this split: recall, F1 and "
+                   "ROC-AUC undefined (&ndash;), left out of the macro and weighted averages.</p>")
+    out.append(_implementations(m))
     p = plots.get(key, {})
     out.append(_figures([("confusion matrix", p.get("confusion")), ("ROC curves", p.get("roc")),
                          ("reliability diagram", p.get("reliability"))]))
@@ -116,39 +134,50 @@ def _classification_section(key: str, m: Mapping, plots: Mapping) -> str:
 
 
 def _boxes_section(m: Mapping, plots: Mapping) -> str:
-    det = m.get("detection", {})
+    det = m.get("coco", {})
     out = ["<h2>Boxes <span class='note'>(head <code>boxes</code>)</span></h2>",
-           f"<div class='headline'>mean IoU <b>{_fmt(m.get('mean_iou'))}</b> &middot; IoU &ge; 0.5: "
-           f"{_fmt(m.get('iou_ge_0.5'))} &middot; IoU &ge; 0.75: {_fmt(m.get('iou_ge_0.75'))} &middot; "
-           f"mAP@0.5 <b>{_fmt(m.get('map50'))}</b> &middot; mAP@0.5:0.95 {_fmt(m.get('map50_95'))}</div>",
+           f"<div class='headline'>COCO mAP@0.5 <b>{_fmt(m.get('map50'))}</b> &middot; COCO mAP@0.5:0.95 "
+           f"<b>{_fmt(m.get('map50_95'))}</b> &middot; VOC AP@0.5 (ours) {_fmt(m.get('voc_map50'))} &middot; "
+           f"slot IoU mean {_fmt(m.get('slot_iou_mean'))} (&ge; 0.5: {_fmt(m.get('slot_iou_ge_0.5'))}, &ge; 0.75: "
+           f"{_fmt(m.get('slot_iou_ge_0.75'))})</div>",
            f"<p class='note'>{m.get('n_boxes')} known boxes (one per class slot). mAP: one predicted box per class "
            f"slot on each of {det.get('n_images', '?')} images with known boxes, confidence = "
-           f"{html.escape(str(det.get('confidence', '')))}, against every true box of that class; all-point "
-           f"interpolated AP.</p>"]
+           f"{html.escape(str(det.get('confidence', '')))}, against every true box of that class.</p>"]
     rows = []
     for name, pc in m.get("per_class", {}).items():
-        rows.append([name, pc["n"], pc["mean_iou"], det.get("n_gt", {}).get(name), det.get("ap50", {}).get(name),
-                     det.get("ap", {}).get(name, {}).get("0.75")])
-    out.append(_table(["class", "boxes", "mean IoU", "true boxes (mAP)", "AP@0.5", "AP@0.75"], rows))
-    out.append(_figures([("IoU histogram", plots.get("boxes", {}).get("iou_hist"))]))
+        rows.append([name, pc.get("n_slots"), pc.get("slot_iou_mean"), pc.get("n_gt"), pc.get("ap50"),
+                     pc.get("ap50_95"), pc.get("voc_ap50")])
+    out.append(_table(["class", "known slots", "slot IoU", "true boxes", "COCO AP@0.5", "COCO AP@0.5:0.95",
+                       "VOC AP@0.5"], rows))
+    out.append(_implementations(m))
+    out.append(_figures([("slot IoU histogram", plots.get("boxes", {}).get("iou_hist"))]))
     return "\n".join(out)
 
 
 def _mask_section(m: Mapping, plots: Mapping) -> str:
+    unit = html.escape(str(m.get("hd95_unit", "px")))
     out = ["<h2>Masks <span class='note'>(head <code>mask</code>)</span></h2>",
            f"<div class='headline'>Dice <b>{_fmt(m.get('dice_mean'))}</b> (tumour images only "
            f"<b>{_fmt(m.get('dice_mean_tumor_only'))}</b>) &middot; IoU {_fmt(m.get('iou_mean'))} &middot; "
-           f"HD95 {_fmt(m.get('hd95_mean'), 2)} px &middot; global Dice {_fmt(m.get('dice_global'))}</div>"]
+           f"HD95 {_fmt(m.get('hd95_mean'), 2)} {unit} &middot; global Dice "
+           f"{_fmt(m.get('dice_global'))} &middot; COCO mask mAP@0.5 <b>{_fmt(m.get('map50'))}</b>, mAP@0.5:0.95 "
+           f"{_fmt(m.get('map50_95'))}</div>"]
     rows = [["images with a known mask", m.get("n")], ["with a tumour", m.get("n_tumor")],
             ["Dice (mean, all)", m.get("dice_mean")], ["Dice (mean, tumour images)", m.get("dice_mean_tumor_only")],
             ["IoU (mean, all)", m.get("iou_mean")], ["IoU (mean, tumour images)", m.get("iou_mean_tumor_only")],
-            ["HD95 px (mean where defined)", m.get("hd95_mean")], ["HD95 px (median)", m.get("hd95_median")],
+            [f"HD95 {unit} (mean where defined)", m.get("hd95_mean")], [f"HD95 {unit} (median)", m.get("hd95_median")],
             ["HD95 undefined (one mask empty)", m.get("hd95_undefined")],
-            ["HD95 px (undefined = image diagonal)", m.get("hd95_mean_penalised")],
+            [f"HD95 {unit} (undefined = image diagonal)", m.get("hd95_mean_penalised")],
             ["empty prediction on a tumour", m.get("empty_prediction_on_tumor")],
             ["foreground predicted on a healthy slice", m.get("false_positive_on_healthy")],
             ["probability threshold", m.get("threshold")]]
+    if "map50" in m:
+        kind = m.get("mask_map_kind", "")
+        rows += [[f"COCO mask mAP@0.5 ({kind})", m.get("map50")], [f"COCO mask mAP@0.5:0.95 ({kind})",
+                                                                 m.get("map50_95")],
+                 ["COCO mask mAP@0.5:0.95 (class-agnostic)", (m.get("agnostic") or {}).get("map50_95")]]
     out.append(_table(["", "value"], rows))
+    out.append(_implementations(m))
     out.append(_figures([("Dice histogram", plots.get("mask", {}).get("dice_hist"))]))
     return "\n".join(out)
 
@@ -158,7 +187,7 @@ def _recon_section(key: str, m: Mapping) -> str:
             ["SSIM", m["ssim"]["mean"], m["ssim"]["median"], m["ssim"]["min"], m["ssim"]["max"]]]
     return (f"<h2>Reconstruction <span class='note'>(head <code>{html.escape(key)}</code>, "
             f"n = {m.get('n')})</span></h2>"
-            + _table(["", "mean", "median", "min", "max"], rows))
+            + _table(["", "mean", "median", "min", "max"], rows) + _implementations(m))
 
 
 def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping] = None,

@@ -34,7 +34,11 @@ class SparseAUC(keras.metrics.AUC):
 
 @keras.saving.register_keras_serializable(package="btmtl")
 class SparseMacroF1(keras.metrics.F1Score):
-    """Macro F1 from sparse labels (argmax predictions)."""
+    """Macro F1 from sparse labels (argmax predictions), averaged over the classes that
+    occur in the labels seen so far (scikit-learn's ``labels=<classes present>``): a class
+    without a labelled example (``no_tumor`` on figshare) is left out instead of counting
+    as F1 = 0. Predicting such a class is still an error: it lowers the recall of the true
+    class, as in :mod:`src.evaluation.metrics`."""
 
     def __init__(self, num_classes: int, name="f1", **kwargs):
         kwargs.setdefault("average", "macro")
@@ -47,6 +51,17 @@ class SparseMacroF1(keras.metrics.F1Score):
         if sample_weight is not None:
             sample_weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
         return super().update_state(y, pred, sample_weight)
+
+    def result(self):
+        if self.average != "macro":
+            return super().result()
+        tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
+        eps = keras.backend.epsilon()
+        precision = tp / (tp + fp + eps)
+        recall = tp / (tp + fn + eps)
+        f1 = 2.0 * precision * recall / (precision + recall + eps)
+        present = ops.cast(tp + fn > 0, f1.dtype)
+        return ops.sum(f1 * present) / ops.maximum(ops.sum(present), 1.0)
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes}

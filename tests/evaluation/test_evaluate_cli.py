@@ -14,6 +14,7 @@ import pytest
 from src.data.records import ClassMap
 from src.evaluate import (Collector, EvaluationError, check_compatible, compute_metrics, dataset_targets, headline,
                           main, make_plots, output_shapes, prediction_rows, write_csv)
+from src.evaluation import detection as D
 from src.evaluation import metrics as M
 from src.evaluation.report import write_report
 
@@ -65,9 +66,13 @@ def test_evaluate_run_folder_writes_the_report_and_logs_it(trained, monkeypatch)
     assert sum(map(sum, cls["confusion_matrix"])) == cls["n"] == m["n_images"]
     assert 0.0 <= cls["calibration"]["ece"] <= 1.0
     boxes = m["heads"]["boxes"]
-    for key in ("mean_iou", "iou_histogram", "iou_ge_0.5", "iou_ge_0.75", "map50", "map50_95", "per_class"):
+    for key in ("slot_iou_mean", "slot_iou_histogram", "slot_iou_ge_0.5", "slot_iou_ge_0.75", "map50", "map50_95",
+                "voc_map50", "per_class", "coco"):
         assert key in boxes, key
-    assert sum(boxes["iou_histogram"]["counts"]) == boxes["n_boxes"] > 0
+    assert sum(boxes["slot_iou_histogram"]["counts"]) == boxes["n_boxes"] > 0
+    assert boxes["coco"]["image_size"] == m["image_size"]
+    assert "pycocotools" in boxes["implementations"]["map50/map50_95/map75/mar100"]
+    assert "scikit-learn" in cls["implementations"]["precision/recall/f1"]
 
     pngs = ["confusion_class.png", "roc_class.png", "reliability_class.png", "iou_hist.png", "gallery.png"]
     for name in pngs:
@@ -75,7 +80,8 @@ def test_evaluate_run_folder_writes_the_report_and_logs_it(trained, monkeypatch)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(pngs)
     assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
-    assert "Lowest recall" in page and "mAP@0.5" in page
+    assert "Lowest recall" in page and "COCO mAP@0.5" in page and "How each number is computed" in page
+    assert "pycocotools" in page and "scikit-learn" in page
 
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
@@ -156,7 +162,7 @@ def test_unet_like_heads_on_constructed_predictions(tmp_path):
     rng = np.random.default_rng(0)
     cm = ClassMap(CLASSES)
     col = Collector(["tumor", "subtype", "mask", "recon"], mask_threshold=0.5, data_range=1.0)
-    all_y, all_pt, all_ps, dices = [], [], [], []
+    all_y, all_pt, all_ps, all_pm, all_tm, dices = [], [], [], [], [], []
     for b in (5, 3):
         x = rng.uniform(0, 1, (b, 32, 32, 3)).astype(np.float32)
         label = rng.integers(0, 4, b)
@@ -173,7 +179,8 @@ def test_unet_like_heads_on_constructed_predictions(tmp_path):
         w["mask"][-1] = 0.0  # an unknown mask is left out
         out = {"tumor": pt[:, None], "subtype": ps, "mask": pred_mask, "recon": np.clip(x + 0.05, 0, 1)}
         col.add(x, y, w, out)
-        all_y.append(label), all_pt.append(pt), all_ps.append(ps)
+        all_y.append(label), all_pt.append(pt), all_ps.append(ps), all_pm.append(pred_mask[..., 0])
+        all_tm.append(true_mask[..., 0])
         dices += [M.dice_iou(pred_mask[i, ..., 0] >= 0.5, true_mask[i, ..., 0] > 0.5)[0] for i in range(b - 1)]
     arrays = col.arrays()
     y, pt, ps = np.concatenate(all_y), np.concatenate(all_pt), np.concatenate(all_ps)
@@ -186,8 +193,20 @@ def test_unet_like_heads_on_constructed_predictions(tmp_path):
     assert h["tumor"]["accuracy"] == pytest.approx(np.mean((pt >= 0.6) == (y != 3)))
     assert h["subtype"]["n"] == int((y != 3).sum())
     assert h["mask"]["n"] == 6 and h["mask"]["dice_mean"] == pytest.approx(np.mean(dices))
+    # mask mAP: the collector's RLEs of the known masks, class-aware with the composed probabilities
+    from src.evaluation.detection import encode_masks, mask_map
+
+    known = np.r_[np.arange(4), 5 + np.arange(2)]
+    pm = np.concatenate(all_pm)[known] >= 0.5
+    tm = np.concatenate(all_tm)[known] > 0.5
+    ref = mask_map(encode_masks(pm), encode_masks(tm), probs=probs[known], y_class=y[known], class_names=CLASSES,
+                   p_tumor=pt[known])
+    assert h["mask"]["mask_map_kind"] == "class-aware"
+    assert h["mask"]["map50_95"] == pytest.approx(ref["map50_95"], nan_ok=True)
+    assert h["mask"]["agnostic"]["map50"] == pytest.approx(ref["agnostic"]["map50"], nan_ok=True)
+    assert h["mask"]["coco"]["n_images"] == 6 and "hd95" in h["mask"]["implementations"]
     assert h["recon"]["psnr_mean"] == pytest.approx(10 * np.log10(1 / 0.05 ** 2), abs=1.0)
-    assert {"class/accuracy", "mask/dice_mean", "recon/psnr"} <= set(headline(M.to_jsonable(res)))
+    assert {"class/accuracy", "mask/dice_mean", "mask/map50", "recon/psnr"} <= set(headline(M.to_jsonable(res)))
 
     plots = make_plots(arrays, res, cm, tmp_path, threshold=0.6, gallery=2)
     assert set(plots) >= {"class", "tumor", "subtype", "mask", "gallery"}
@@ -199,6 +218,7 @@ def test_unet_like_heads_on_constructed_predictions(tmp_path):
     page = write_report(tmp_path / "report.html", M.to_jsonable(res), plots, meta={"split": "constructed"})
     text = page.read_text()
     assert "Composed from the heads tumor + subtype" in text and "Reconstruction" in text and "Masks" in text
+    assert "COCO mask mAP" in text and "tf.image.ssim" in text
     assert text.count("data:image/png;base64,") == 3 * 3 + 2  # 3 classification heads, Dice hist, gallery
 
 
@@ -237,9 +257,9 @@ def test_small_cnn_outputs_through_the_evaluation(tmp_path):
     arrays = col.arrays()
     res = compute_metrics(arrays, cm, boxes_known=np.ones(6, bool))
     assert res["heads"]["class"]["accuracy"] == pytest.approx(np.mean(out["class"].argmax(1) == label))
-    ious = M.box_iou_np(out["boxes"][np.arange(6), np.minimum(label, 3)], boxes[np.arange(6), np.minimum(label, 3)])
-    assert res["heads"]["boxes"]["mean_iou"] == pytest.approx(ious[label < 3].mean(), abs=1e-6)
-    assert res["heads"]["boxes"]["detection"]["n_images"] == 6
+    ious = D.box_iou_np(out["boxes"][np.arange(6), np.minimum(label, 3)], boxes[np.arange(6), np.minimum(label, 3)])
+    assert res["heads"]["boxes"]["slot_iou_mean"] == pytest.approx(ious[label < 3].mean(), abs=1e-6)
+    assert res["heads"]["boxes"]["coco"]["n_images"] == 6 and res["heads"]["boxes"]["coco"]["image_size"] == [32, 32]
     plots = make_plots(arrays, res, cm, tmp_path, threshold=0.5, gallery=2)
     assert plots["gallery_score"] == "box IoU" and Path(plots["gallery"]).stat().st_size > 1000
 

@@ -1,4 +1,5 @@
-"""Evaluation metrics against scikit-learn and hand-computed references."""
+"""Classification, mask and reconstruction metrics against scikit-learn, brute force and their
+definitions (boxes and COCO mAP: test_detection.py)."""
 import math
 
 import numpy as np
@@ -22,46 +23,87 @@ def _probs(n, c, seed=0, signal=1.0):
 # ---------------------------------------------------------------------------------------
 # classification
 # ---------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:The y_prob values do not sum to one")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_classification_report_matches_sklearn(seed):
     y, p = _probs(240, 4, seed)
+    p = p.astype(np.float32).astype(np.float64)  # a float32 softmax: rows sum to 1 only up to round-off
     pred = p.argmax(1)
     rep = M.classification_report(y, p, CLASSES)
     labels = list(range(4))
-    assert rep["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
-    assert rep["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert rep["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
+    assert rep["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
     pr, rc, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     for k, name in enumerate(CLASSES):
         pc = rep["per_class"][name]
-        assert (pc["precision"], pc["recall"], pc["f1"], pc["support"]) == pytest.approx((pr[k], rc[k], f1[k], sup[k]))
-        assert pc["roc_auc"] == pytest.approx(skm.roc_auc_score(y == k, p[:, k]))
+        assert (pc["precision"], pc["recall"], pc["f1"], pc["support"]) == pytest.approx((pr[k], rc[k], f1[k], sup[k]),
+                                                                                         abs=1e-12)
+        assert pc["roc_auc"] == pytest.approx(skm.roc_auc_score(y == k, p[:, k]), abs=1e-12)
     for avg in ("macro", "micro", "weighted"):
         ref = skm.precision_recall_fscore_support(y, pred, labels=labels, average=avg, zero_division=0)[:3]
-        assert tuple(rep[avg][k] for k in ("precision", "recall", "f1")) == pytest.approx(ref)
+        assert tuple(rep[avg][k] for k in ("precision", "recall", "f1")) == pytest.approx(ref, abs=1e-12)
+    assert rep["micro"]["f1"] == pytest.approx(rep["accuracy"])
     assert rep["roc_auc"]["macro"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr", average="macro"))
     assert rep["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=labels).tolist()
     assert np.allclose(np.sum(rep["confusion_matrix_normalized"], axis=1), 1.0)
-    assert rep["brier"] == pytest.approx(np.mean(np.sum((p - np.eye(4)[y]) ** 2, 1)))
+    # the multiclass Brier score, [0, 2]: checked against its definition and scikit-learn
+    assert rep["brier"] == pytest.approx(np.mean(np.sum((p - np.eye(4)[y]) ** 2, 1)), abs=1e-12)
+    assert rep["brier"] == pytest.approx(skm.brier_score_loss(y, p, labels=labels, scale_by_half=False), abs=1e-12)
     worst = min(CLASSES, key=lambda c: rep["per_class"][c]["recall"])
     assert rep["worst_class"]["name"] == worst
     assert rep["worst_class"]["gap_to_macro_recall"] == pytest.approx(rep["per_class"][worst]["recall"]
                                                                       - rep["balanced_accuracy"])
+    assert "scikit-learn" in rep["implementations"]["precision/recall/f1"]
+    assert "ours" in rep["implementations"]["ece"]
+
+
+def _absent_case():
+    """class 3 (no_tumor) never occurs in y_true but is predicted once; class 2 is never predicted."""
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    pred = np.array([0, 1, 1, 1, 0, 3, 0, 0])
+    p = np.full((8, 4), 0.05)
+    p[np.arange(8), pred] = 0.85
+    return y, p, pred
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
-def test_classification_absent_class_and_never_predicted_class():
-    # class 3 never occurs in y_true, class 2 is never predicted
-    y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-    p = np.full((8, 4), 0.05)
-    pred = np.array([0, 1, 1, 1, 0, 3, 0, 0])
-    p[np.arange(8), pred] = 0.85
+def test_absent_class_is_undefined_and_left_out_of_the_averages():
+    y, p, pred = _absent_case()
     rep = M.classification_report(y, p, CLASSES)
+    present = [0, 1, 2]
+    # the averages are scikit-learn's over the classes present in y_true
+    for avg in ("macro", "weighted"):
+        ref = skm.precision_recall_fscore_support(y, pred, labels=present, average=avg, zero_division=0)[:3]
+        assert tuple(rep[avg][k] for k in ("precision", "recall", "f1")) == pytest.approx(ref, abs=1e-12)
+    all_labels = skm.f1_score(y, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)
+    assert rep["macro"]["f1"] > all_labels  # an absent class counted as 0 would drag the mean down
+    assert rep["micro"]["f1"] == pytest.approx(skm.accuracy_score(y, pred))
     assert rep["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
-    assert rep["per_class"]["pituitary"]["precision"] == 0.0  # zero_division=0
-    assert rep["per_class"]["no_tumor"]["roc_auc"] is not None and math.isnan(rep["per_class"]["no_tumor"]["roc_auc"])
+    assert rep["balanced_accuracy"] == pytest.approx(rep["macro"]["recall"])
+    # per class: present classes are scikit-learn's; the absent class is undefined, not 0
+    pr, rc, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=present, zero_division=0)
+    for k in present:
+        pc = rep["per_class"][CLASSES[k]]
+        assert (pc["precision"], pc["recall"], pc["f1"]) == pytest.approx((pr[k], rc[k], f1[k]), abs=1e-12)
+    assert rep["per_class"]["pituitary"]["precision"] == 0.0  # present, never predicted: zero_division=0
+    nt = rep["per_class"]["no_tumor"]
+    assert nt["support"] == 0 and nt["precision"] == 0.0  # predicted once, wrongly: a false positive
+    assert math.isnan(nt["recall"]) and math.isnan(nt["f1"]) and math.isnan(nt["roc_auc"])
+    assert rep["classes_present"] == CLASSES[:3] and rep["worst_class"]["name"] != "no_tumor"
     defined = [skm.roc_auc_score(y == k, p[:, k]) for k in range(3)]
     assert rep["roc_auc"]["macro"] == pytest.approx(np.mean(defined))
-    assert M.to_jsonable(rep)["per_class"]["no_tumor"]["roc_auc"] is None
+    js = M.to_jsonable(rep)["per_class"]["no_tumor"]
+    assert js["recall"] is None and js["f1"] is None and js["roc_auc"] is None and js["precision"] == 0.0
+
+
+def test_absent_class_never_predicted_has_undefined_precision():
+    y, p, _ = _absent_case()
+    p[:, 3] = 0.0  # no_tumor is never the argmax now
+    rep = M.classification_report(y, p, CLASSES)
+    assert math.isnan(rep["per_class"]["no_tumor"]["precision"])
+    pred = p.argmax(1)
+    assert rep["macro"]["f1"] == pytest.approx(skm.f1_score(y, pred, labels=[0, 1, 2], average="macro",
+                                                             zero_division=0))
 
 
 def test_roc_curve_matches_sklearn_with_ties():
@@ -83,22 +125,33 @@ def test_binary_report_threshold():
     assert rep["per_class"]["tumor"]["recall"] == pytest.approx(skm.recall_score(y, pred))
     assert rep["per_class"]["tumor"]["precision"] == pytest.approx(skm.precision_score(y, pred))
     assert rep["roc_auc"]["macro"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert rep["brier"] == pytest.approx(skm.brier_score_loss(y, p)) and rep["brier"] == pytest.approx(
+        np.mean((p - y) ** 2))
     assert rep["calibration"]["kind"] == "binary"
+    # a split with tumour slices only (figshare): no_tumor is undefined, the averages are over "tumor"
+    only = M.binary_report(np.ones(6, int), np.array([.9, .8, .2, .7, .6, .95]), names=("no_tumor", "tumor"))
+    assert math.isnan(only["per_class"]["no_tumor"]["recall"]) and only["per_class"]["no_tumor"]["precision"] == 0
+    assert only["macro"]["f1"] == pytest.approx(skm.f1_score(np.ones(6), [1, 1, 0, 1, 1, 1]))
 
 
 def test_multilabel_report_matches_sklearn():
     rng = np.random.default_rng(5)
     y = (rng.uniform(size=(80, 4)) < 0.35).astype(float)
+    y[:, 3] = 0  # a class without positives
     p = np.clip(0.4 * y + rng.uniform(0, 0.6, (80, 4)), 0, 1)
     rep = M.multilabel_report(y, p, CLASSES, threshold=0.5)
     pred = (p >= 0.5).astype(int)
     pr, rc, f1, sup = skm.precision_recall_fscore_support(y, pred, zero_division=0)
-    for k, name in enumerate(CLASSES):
-        assert rep["per_class"][name]["f1"] == pytest.approx(f1[k])
-        assert rep["per_class"][name]["roc_auc"] == pytest.approx(skm.roc_auc_score(y[:, k], p[:, k]))
-    for avg in ("macro", "micro", "weighted"):
-        ref = skm.precision_recall_fscore_support(y, pred, average=avg, zero_division=0)[:3]
-        assert tuple(rep[avg][k] for k in ("precision", "recall", "f1")) == pytest.approx(ref)
+    for k, name in enumerate(CLASSES[:3]):
+        assert rep["per_class"][name]["f1"] == pytest.approx(f1[k], abs=1e-12)
+        assert rep["per_class"][name]["roc_auc"] == pytest.approx(skm.roc_auc_score(y[:, k], p[:, k]), abs=1e-12)
+    nt = rep["per_class"]["no_tumor"]
+    assert math.isnan(nt["recall"]) and math.isnan(nt["f1"]) and nt["precision"] == 0.0 and nt["support"] == 0
+    for avg in ("macro", "weighted"):
+        ref = skm.precision_recall_fscore_support(y, pred, labels=[0, 1, 2], average=avg, zero_division=0)[:3]
+        assert tuple(rep[avg][k] for k in ("precision", "recall", "f1")) == pytest.approx(ref, abs=1e-12)
+    ref = skm.precision_recall_fscore_support(y, pred, average="micro", zero_division=0)[:3]
+    assert tuple(rep["micro"][k] for k in ("precision", "recall", "f1")) == pytest.approx(ref, abs=1e-12)
     assert rep["subset_accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
     assert rep["hamming_loss"] == pytest.approx(skm.hamming_loss(y, pred))
 
@@ -136,88 +189,6 @@ def test_compose_tumor_subtype():
 
 
 # ---------------------------------------------------------------------------------------
-# boxes
-# ---------------------------------------------------------------------------------------
-def test_box_iou_np_matches_the_loss_module():
-    from src.losses.box import box_iou
-
-    rng = np.random.default_rng(0)
-    a = np.sort(rng.uniform(size=(50, 2, 2)), axis=1).transpose(0, 2, 1).reshape(50, 4)[:, [0, 2, 1, 3]]
-    b = np.sort(rng.uniform(size=(50, 2, 2)), axis=1).transpose(0, 2, 1).reshape(50, 4)[:, [0, 2, 1, 3]]
-    assert np.allclose(M.box_iou_np(a, b), np.asarray(box_iou(a, b)), atol=1e-5)
-    assert M.box_iou_np([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
-
-
-def test_average_precision_all_point():
-    # precision envelope: recall 0.5 at precision 1, recall 1.0 at precision 2/3
-    assert M.average_precision([0.5, 0.5, 1.0], [1.0, 0.5, 2 / 3]) == pytest.approx(0.5 + 0.5 * 2 / 3)
-
-
-def _hand_boxes():
-    """3 images, 2 class slots (+ no_tumor slot 2 without boxes).
-
-    class 0: img0 true A (pred = A, IoU 1, p .9); img1 true B (pred IoU 0.62, p .7);
-             img2 has no class-0 box (pred p .8 -> a false positive at every threshold).
-    class 1: img2 true D (pred = D, p .6); img0/img1 predictions with p .1/.2 are false positives
-             ranked below it -> AP 1.
-    """
-    A, B, D = [0, 0, .5, .5], [.5, .5, 1, 1], [.1, .1, .4, .3]
-    pred = np.zeros((3, 3, 4))
-    pred[:, :] = [.6, .6, .7, .7]
-    pred[0, 0], pred[1, 0], pred[2, 0] = A, [.5, .5, 1, .81], [0, .6, .2, .9]
-    pred[2, 1] = D
-    scores = np.array([[.9, .1, 0], [.7, .2, .1], [.8, .6, .1]])
-    boxes_all = np.zeros((3, 2, 4))
-    cls = np.full((3, 2), -1)
-    boxes_all[0, 0], cls[0, 0] = A, 0
-    boxes_all[1, 0], cls[1, 0] = B, 0
-    boxes_all[2, 0], cls[2, 0] = D, 1
-    count = np.array([1, 1, 1])
-    return pred, scores, boxes_all, cls, count
-
-
-def test_map_on_hand_made_boxes():
-    pred, scores, ba, bc, cnt = _hand_boxes()
-    m = M.mean_average_precision(pred, scores, ba, bc, cnt, ["a", "b", "no_tumor"])
-    # class a at IoU <= 0.62: TP(.9) FP(.8) TP(.7) -> P = 1, 1/2, 2/3 at R = .5, .5, 1 -> AP = .5 + .5 * 2/3
-    ap_low = 0.5 + 0.5 * 2 / 3
-    # above 0.62 the .7 detection is a false positive -> AP = 0.5
-    assert m["ap"]["a"]["0.50"] == pytest.approx(ap_low)
-    assert m["ap"]["a"]["0.60"] == pytest.approx(ap_low)
-    assert m["ap"]["a"]["0.65"] == pytest.approx(0.5)
-    assert m["ap50"]["b"] == pytest.approx(1.0)
-    assert math.isnan(m["ap50"]["no_tumor"]) and m["classes_with_boxes"] == ["a", "b"]
-    assert m["map50"] == pytest.approx((ap_low + 1.0) / 2)
-    ap_a = (3 * ap_low + 7 * 0.5) / 10  # thresholds .50 .55 .60 keep the TP, .65 ... .95 do not
-    assert m["map50_95"] == pytest.approx((ap_a + 1.0) / 2)
-
-
-def test_class_ap_one_detection_cannot_match_two_boxes():
-    gt = [np.array([[0, 0, .5, .5], [.5, .5, 1, 1]])]
-    r = M.class_ap(np.array([[0, 0, .5, .5]]), np.array([0.9]), gt, 0.5)
-    assert r["ap"] == pytest.approx(0.5) and r["tp"] == 1 and r["n_gt"] == 2
-
-
-def test_box_report_slot_ious_and_histogram():
-    pred, scores, ba, bc, cnt = _hand_boxes()
-    true = np.zeros_like(pred)
-    w = np.zeros((3, 3))
-    true[0, 0], w[0, 0] = ba[0, 0], 1
-    true[1, 0], w[1, 0] = ba[1, 0], 1
-    true[2, 1], w[2, 1] = ba[2, 0], 1
-    rep = M.box_report(pred, true, w, ["a", "b", "no_tumor"], ba, bc, cnt, scores=scores)
-    assert rep["n_boxes"] == 3
-    assert rep["mean_iou"] == pytest.approx((1 + 0.62 + 1) / 3)
-    assert rep["iou_ge_0.5"] == 1.0 and rep["iou_ge_0.75"] == pytest.approx(2 / 3)
-    assert rep["iou_histogram"]["counts"] == [0] * 6 + [1, 0, 0, 2]
-    assert rep["per_class"]["a"]["n"] == 2 and rep["per_class"]["b"]["mean_iou"] == pytest.approx(1.0)
-    assert rep["map50"] == pytest.approx((0.5 + 0.5 * 2 / 3 + 1) / 2)
-    # images with unknown boxes are left out of the mAP: without img2, class b has no box
-    rep2 = M.box_report(pred, true, w, ["a", "b", "no_tumor"], ba, bc, cnt, scores=scores, known=[True, True, False])
-    assert rep2["map50"] == pytest.approx(1.0) and rep2["detection"]["n_images"] == 2
-
-
-# ---------------------------------------------------------------------------------------
 # masks
 # ---------------------------------------------------------------------------------------
 def _square(top, left, side=20, size=64):
@@ -235,18 +206,42 @@ def test_hd95_of_offset_squares_is_the_offset(k):
     assert d == pytest.approx(2 * inter / 800) and i == pytest.approx(inter / (800 - inter))
 
 
-def test_hd95_against_brute_force_surface_distances():
-    from scipy import ndimage
+def _brute_hd95(a, b, spacing=(1.0, 1.0), q=95):
+    """MONAI's definition, computed independently: surface = mask minus its erosion with the
+    4-connected cross (a pixel on the image border is surface), all pairwise distances
+    between the surface point sets in mm, the q-th percentile of the nearest-surface
+    distances in each direction, the larger of the two."""
+    from scipy.spatial.distance import cdist
 
-    yy, xx = np.mgrid[:48, :48]
-    a = ((yy - 20) ** 2 + (xx - 22) ** 2 < 100) | ((yy >= 15) & (yy < 30) & (xx >= 25) & (xx < 40))
+    def surf(m):
+        pad = np.pad(m, 1)
+        inner = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+        return m & ~inner
+
+    pa = np.argwhere(surf(a)) * np.asarray(spacing)
+    pb = np.argwhere(surf(b)) * np.asarray(spacing)
+    d = cdist(pa, pb)
+    return max(np.percentile(d.min(1), q), np.percentile(d.min(0), q))
+
+
+def _blobs():
+    yy, xx = np.mgrid[:48, :40]
+    a = ((yy - 20) ** 2 + (xx - 22) ** 2 < 100) | ((yy >= 15) & (yy < 30) & (xx >= 25) & (xx < 40))  # touches border
     b = ((yy - 24) / 12.0) ** 2 + ((xx - 20) / 7.0) ** 2 < 1
-    sa = a & ~ndimage.binary_erosion(a, ndimage.generate_binary_structure(2, 1))
-    sb = b & ~ndimage.binary_erosion(b, ndimage.generate_binary_structure(2, 1))
-    pa, pb = np.argwhere(sa), np.argwhere(sb)
-    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
-    ref = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
-    assert M.hd95(a, b) == pytest.approx(ref)
+    return a, b
+
+
+@pytest.mark.parametrize("spacing", [None, (0.5, 1.25)])
+def test_hd95_against_brute_force_surface_distances(spacing):
+    a, b = _blobs()
+    ref = _brute_hd95(a, b, spacing or (1.0, 1.0))
+    assert M.hd95(a, b, spacing=spacing) == pytest.approx(ref, abs=1e-9)
+    assert M.hd95(b, a, spacing=spacing) == pytest.approx(ref, abs=1e-9)  # symmetric
+    tiny = np.zeros_like(a)
+    tiny[40, 5] = True  # a one-pixel mask is its own surface
+    assert M.hd95(tiny, b, spacing=spacing) == pytest.approx(_brute_hd95(tiny, b, spacing or (1.0, 1.0)), abs=1e-9)
+    s = M.mask_scores(np.stack([a, tiny]), np.stack([b, b]), spacing=spacing)
+    assert s["hd95"].tolist() == pytest.approx([ref, _brute_hd95(tiny, b, spacing or (1.0, 1.0))], abs=1e-9)
 
 
 def test_empty_mask_conventions_and_report():
@@ -267,6 +262,9 @@ def test_empty_mask_conventions_and_report():
     assert rep["dice_mean"] == pytest.approx((0.85 + 1 + 0 + 0) / 4)
     assert rep["empty_prediction_on_tumor"] == 1 and rep["false_positive_on_healthy"] == 1
     assert rep["dice_global"] == pytest.approx(0.425) and sum(rep["dice_histogram"]["counts"]) == 4
+    assert rep["hd95_unit"] == "px" and "MONAI" in rep["implementations"]["hd95"]
+    mm = M.mask_report(s, (64, 64), spacing=(0.5, 2.0))
+    assert mm["hd95_unit"] == "mm" and mm["hd95_penalty"] == pytest.approx(math.hypot(32, 128))
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,10 +273,14 @@ def test_empty_mask_conventions_and_report():
 def test_psnr_and_ssim():
     rng = np.random.default_rng(0)
     x = rng.uniform(0.2, 0.8, (2, 16, 16, 3))
-    assert M.psnr(x + 0.1, x).tolist() == pytest.approx([20.0, 20.0])
+    noisy = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
+    ref = 10 * np.log10(1.0 / ((noisy - x) ** 2).reshape(2, -1).mean(1))
+    assert M.psnr(noisy, x).tolist() == pytest.approx(ref.tolist(), abs=1e-4)  # tf.image.psnr in float32
+    assert M.psnr(255 * noisy, 255 * x, data_range=255.0).tolist() == pytest.approx(ref.tolist(), abs=1e-4)
     assert M.psnr(x, x).tolist() == [M.PSNR_CAP, M.PSNR_CAP]
     s = M.ssim(x, x)
     assert s.tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
     assert (M.ssim(np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1), x) < 0.9).all()
-    rep = M.recon_report(M.psnr(x + 0.1, x), s)
-    assert rep["psnr_mean"] == pytest.approx(20.0) and rep["ssim"]["n"] == 2
+    rep = M.recon_report(M.psnr(noisy, x), s)
+    assert rep["psnr_mean"] == pytest.approx(ref.mean(), abs=1e-4) and rep["ssim"]["n"] == 2
+    assert "tf.image.psnr" in rep["implementations"]["psnr"]
