@@ -24,6 +24,7 @@ from .box import (
     NORMALIZE_MODES,
     BoxIoULoss,
     BoxMeanIoU,
+    DenseBoxLoss,
     MaskedLoss,
     box_iou,
     pairwise_iou,
@@ -46,6 +47,7 @@ __all__ = [
     "MaskedLoss",
     "BoxIoULoss",
     "BoxMeanIoU",
+    "DenseBoxLoss",
     "box_iou",
     "pairwise_iou",
     "safe_divide",
@@ -119,6 +121,7 @@ _REGISTRY: Dict[str, Callable[..., keras.losses.Loss]] = {
     "dice": _dice,
     "binary_focal": _binary_focal,
     "dice_focal": _dice_focal,
+    "dense_box": lambda **kw: DenseBoxLoss(**kw),
     **{m: (lambda mode: (lambda **kw: ReconstructionLoss(mode=mode, **kw)))(m) for m in RECON_MODES},
 }
 _ALIASES = {

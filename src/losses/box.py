@@ -42,6 +42,9 @@ __all__ = [
     "MaskedLoss",
     "BoxIoULoss",
     "BoxMeanIoU",
+    "DenseBoxLoss",
+    "cell_centres",
+    "dense_boxes",
     "box_iou",
     "pairwise_iou",
     "safe_divide",
@@ -289,6 +292,95 @@ class BoxIoULoss(MaskedLoss):
     def get_config(self):
         config = super().get_config()
         config.update({"mode": self.mode, "eps": self.eps, "l1_weight": self.l1_weight})
+        return config
+
+
+# --------------------------------------------------------------------------- dense maps
+def cell_centres(h: int, w: int):
+    """``(cx, cy)``, each ``[h, w]``: the normalised centres of the cells of an ``h x w`` map."""
+    cx = (ops.cast(ops.arange(w), "float32") + 0.5) / float(w)
+    cy = (ops.cast(ops.arange(h), "float32") + 0.5) / float(h)
+    return ops.meshgrid(cx, cy)  # "xy" indexing: [h, w] each
+
+
+def dense_boxes(dist):
+    """Every cell's box ``[B, h, w, 4]`` (normalised xyxy) from distance logits ``[B, h, w, 4]``:
+    ``[cx - l, cy - t, cx + r, cy + b]`` with ``(l, t, r, b) = sigmoid(dist)``."""
+    d = ops.sigmoid(ops.cast(dist, "float32"))
+    cx, cy = cell_centres(int(d.shape[1]), int(d.shape[2]))
+    return ops.stack([cx - d[..., 0], cy - d[..., 1], cx + d[..., 2], cy + d[..., 3]], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class DenseBoxLoss(MaskedLoss):
+    """Loss of the dense box maps of :func:`src.models.heads.dense_box_head` (``boxes_aux1``).
+
+    ``y_true`` ``[B, K, 4]`` slot boxes with slot weights ``[B, K]`` (the ``boxes`` target);
+    ``y_pred`` ``[B, h, w, Kh + 4]``: ``Kh`` heat logits (1 = shared by every slot) and 4
+    distance logits. For every known slot, a target distribution over the cells, ``q``, is a
+    Gaussian around the true box centre (standard deviation ``sigma`` x the box size, at
+    least half a cell), normalised to sum 1. Per slot:
+
+    * heat: ``KL(q || softmax(heat))`` over the cells, which puts the soft arg-max of the
+      decoder on the box centre;
+    * boxes: ``sum_cells q * (1 - GIoU(cell box, true box) + l1_weight * mean |diff|)``,
+      so every cell near the centre learns to predict the whole box (FCOS-style dense
+      supervision instead of one gradient through the average).
+
+    ``heat_weight * heat + box_weight * boxes``, reduced over the known slots like every
+    :class:`MaskedLoss`.
+    """
+
+    def __init__(self, heat_weight: float = 1.0, box_weight: float = 1.0, l1_weight: float = 1.0,
+                 mode: str = "giou", sigma: float = 0.15, normalize="weights", name="dense_box",
+                 reduction="sum_over_batch_size", dtype=None):
+        super().__init__(normalize=normalize, name=name, reduction=reduction)
+        self.heat_weight, self.box_weight, self.l1_weight = float(heat_weight), float(box_weight), float(l1_weight)
+        self.mode = _check_choice(str(mode).lower(), BOX_MODES, "mode")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        with keras.name_scope(self.name):
+            y_true = ops.cast(y_true, "float32")
+            y_pred = ops.cast(y_pred, "float32")
+            if sample_weight is None:
+                sample_weight = ops.ones(ops.shape(y_true)[:2], "float32")
+            w = ops.cast(sample_weight, "float32")
+            # unknown slots may hold anything: a harmless unit box instead
+            unit = ops.convert_to_tensor([0.25, 0.25, 0.75, 0.75], "float32")
+            y_true = ops.where(ops.expand_dims(w != 0, -1), y_true, ops.zeros_like(y_true) + unit)
+            return self.reduce(self.call(y_true, y_pred), w)
+
+    def call(self, y_true, y_pred):
+        h, w_ = int(y_pred.shape[1]), int(y_pred.shape[2])
+        kh = int(y_pred.shape[-1]) - 4
+        heat, dist = y_pred[..., :kh], y_pred[..., kh:]
+        b = ops.shape(y_pred)[0]
+        logp = ops.log_softmax(ops.reshape(heat, (b, h * w_, kh)), axis=1)        # [B, N, Kh]
+        cx, cy = cell_centres(h, w_)
+        cx, cy = ops.reshape(cx, (1, -1, 1)), ops.reshape(cy, (1, -1, 1))          # [1, N, 1]
+        tx = (y_true[..., 0] + y_true[..., 2]) / 2.0                              # [B, K]
+        ty = (y_true[..., 1] + y_true[..., 3]) / 2.0
+        sx = ops.maximum(self.sigma * ops.relu(y_true[..., 2] - y_true[..., 0]), 0.5 / w_)
+        sy = ops.maximum(self.sigma * ops.relu(y_true[..., 3] - y_true[..., 1]), 0.5 / h)
+        e = (ops.square(cx - tx[:, None, :]) / (2.0 * ops.square(sx[:, None, :]))
+             + ops.square(cy - ty[:, None, :]) / (2.0 * ops.square(sy[:, None, :])))  # [B, N, K]
+        logq = -e - ops.logsumexp(-e, axis=1, keepdims=True)
+        q = ops.exp(logq)
+        heat_loss = ops.sum(q * (logq - logp), axis=1)                              # [B, K] (Kh = 1 broadcasts)
+        cells = ops.reshape(dense_boxes(dist), (b, h * w_, 1, 4))                   # [B, N, 1, 4]
+        per_cell = 1.0 - box_iou(cells, y_true[:, None, :, :], mode=self.mode)      # [B, N, K]
+        if self.l1_weight:
+            per_cell = per_cell + self.l1_weight * ops.mean(ops.abs(cells - y_true[:, None, :, :]), axis=-1)
+        box_loss = ops.sum(q * per_cell, axis=1)
+        return self.heat_weight * heat_loss + self.box_weight * box_loss
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"heat_weight": self.heat_weight, "box_weight": self.box_weight, "l1_weight": self.l1_weight,
+                       "mode": self.mode, "sigma": self.sigma})
         return config
 
 

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import keras
 from keras import layers, ops
 
-from .layers import Preprocess
+from .layers import Preprocess, ResizeTo
 from .registry import register_model
 
 CONTEXTS = ("ham", "attention", "none")
@@ -217,27 +217,6 @@ class GatedSum(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
-
-
-@keras.saving.register_keras_serializable(package="btmtl")
-class ResizeTo(layers.Layer):
-    """Resize a feature map to a fixed ``(height, width)`` (bilinear by default)."""
-
-    def __init__(self, size, interpolation: str = "bilinear", **kwargs):
-        super().__init__(**kwargs)
-        self.size = (int(size[0]), int(size[1]))
-        self.interpolation = interpolation
-
-    def call(self, x):
-        if tuple(x.shape[1:3]) == self.size:
-            return x
-        return ops.cast(ops.image.resize(x, self.size, interpolation=self.interpolation), x.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], *self.size, input_shape[-1])
-
-    def get_config(self):
-        return {**super().get_config(), "size": list(self.size), "interpolation": self.interpolation}
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,3 +40,24 @@ class Preprocess(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class ResizeTo(layers.Layer):
+    """Resize a feature map to a fixed ``(height, width)`` (bilinear by default)."""
+
+    def __init__(self, size, interpolation: str = "bilinear", **kwargs):
+        super().__init__(**kwargs)
+        self.size = (int(size[0]), int(size[1]))
+        self.interpolation = interpolation
+
+    def call(self, x):
+        if tuple(x.shape[1:3]) == self.size:
+            return x
+        return ops.cast(ops.image.resize(x, self.size, interpolation=self.interpolation), x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "size": list(self.size), "interpolation": self.interpolation}

@@ -145,11 +145,22 @@ def drop_unlearnable_heads(model_cfg: dict, train_records) -> dict:
     return {**model_cfg, "heads": keep}
 
 
-def weights_for(weights, heads) -> Optional[dict]:
-    """Loss weights restricted to the model's heads (a config may name heads it dropped)."""
+def weights_for(weights, heads, defaults: Optional[dict] = None) -> Optional[dict]:
+    """Loss weights restricted to the model's heads (a config may name heads it dropped).
+
+    An auxiliary head (``<head>_aux<k>``) that ``weights`` does not name follows its head:
+    its default weight (``defaults``) while the head learns, 0 when the head is off.
+    """
+    from .multitask import is_aux_head, target_key
+
     if not weights:
         return None
-    return {h: float(w) for h, w in dict(weights).items() if h in heads}
+    out = {h: float(w) for h, w in dict(weights).items() if h in heads}
+    for h in heads:
+        base = target_key(h)
+        if is_aux_head(h) and h not in out and base in out:
+            out[h] = float((defaults or {}).get(h, 1.0)) if out[base] != 0.0 else 0.0
+    return out
 
 
 def metric_heads(model) -> list:
@@ -368,7 +379,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     model = probe if phase == first else build_model(model_cfg, bundle.class_map,
                                                                      data_cfg["image_size"], train_recs)
                 if pcfg.get("loss_weights"):
-                    model.set_loss_weights(weights_for(pcfg["loss_weights"], model.heads) or {})
+                    model.set_loss_weights(weights_for(pcfg["loss_weights"], model.heads,
+                                                       model_cfg.get("loss_weights")) or {})
                 model.train_metrics = str(trainer.get("train_metrics") or "light")
                 if model.train_metrics not in ("full", "light", "loss"):
                     raise ValueError(f"trainer.train_metrics must be full | light | loss, got {model.train_metrics!r}")
@@ -427,7 +439,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                           callbacks=callbacks, verbose=int(trainer.get("verbose", 1)))
             best_path = ckdir / "best.keras" if (ckdir / "best.keras").is_file() else ckdir / "last.keras"
             best = load_checkpoint(best_path)
-            best.set_loss_weights(weights_for(pcfg.get("loss_weights"), best.heads) or {})
+            best.set_loss_weights(weights_for(pcfg.get("loss_weights"), best.heads, model_cfg.get("loss_weights")) or {})
             best.compile(metrics=head_metrics(metric_heads(best), bundle.class_map.num_classes), jit_compile=jit)
             res = best.evaluate(val_ds, return_dict=True, verbose=0,
                                 steps=val_steps if trainer.get("validation_steps") else None)

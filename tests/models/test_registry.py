@@ -10,6 +10,7 @@ from src.training.multitask import MultiTaskModel, load_checkpoint, target_key
 # one loss per target; auxiliary heads (``mask_aux1``) use their target's loss
 LOSSES = {"class": "ce", "multilabel": "bce", "boxes": "giou", "mask": "dice_focal", "tumor": "bce",
           "subtype": "ce", "x": "mse"}
+HEAD_LOSSES = {"boxes_aux1": "dense_box"}  # the dense box head's training maps
 # architectures over a backbone run over a light one here (the fit / save / load round trip
 # is about the heads, the wrapper and serialisation); the real ResNet101 detector is built
 # and checked in test_resnet101_detector_builds_on_resnet101 below, and ResNet101's stages,
@@ -61,7 +62,7 @@ def test_one_step_fit_and_save_load_identical(name, tmp_path):
     keras.utils.set_random_seed(0)
     net = create_model(name, num_classes=NUM_CLASSES, image_size=32, weights=None, **TINY.get(name, {}))
     outputs = list(net.output)
-    model = MultiTaskModel(net, {h: LOSSES[target_key(h)] for h in outputs})
+    model = MultiTaskModel(net, {h: HEAD_LOSSES.get(h, LOSSES[target_key(h)]) for h in outputs})
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     x, y, w = tiny_batch(outputs)
     hist = model.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(4), epochs=1, verbose=0)
