@@ -26,6 +26,19 @@ that head's metrics. The pipeline runs with ``training=False`` (no augmentation,
 shuffling). The folder goes to ``<run>/eval_<split>`` (or
 ``<output_root>/evaluate/<timestamp>`` for a bare checkpoint) unless ``out=DIR``.
 
+``tta=flip`` (test-time augmentation, :func:`src.inference.predict_with_tta`) scores the
+mean of the model's outputs on each image and on its horizontal mirror (masks and
+reconstructions flipped back, mirrored boxes un-flipped); ``metrics.json`` (``tta``), the
+report and every row of ``predictions.csv`` say which was used.
+
+Boxes from masks: a model with a ``mask`` head and no ``boxes`` head gets box metrics too
+when the data has boxes (``boxes_from_mask=largest`` by default, ``components``, or
+``false``): the tight box of the largest connected component of each thresholded predicted
+mask (``components``: the union box of all components of at least ``boxes_min_area``
+pixels) fills every class slot, an empty mask gives a zero box (IoU 0), the class
+probabilities are the detection scores, and the ``boxes`` head of ``metrics.json`` is
+scored as a detector's with ``"source": "mask"`` ("Boxes (from mask)" in the report).
+
 MLflow: the report folder is logged (artifacts under ``eval_<split>/``, headline numbers
 as metrics ``eval_<split>/...``) to the training run's MLflow record, found by the
 ``run_dir`` tag the training engine sets; when there is none, a new run tagged with the
@@ -54,6 +67,7 @@ log = logging.getLogger("src.evaluate")
 CLASS_HEADS = ("class", "multilabel", "tumor", "subtype")
 RECON_HEADS = ("recon", "reconstruction")
 _SUPPORTED = set(CLASS_HEADS) | {"boxes", "mask"} | set(RECON_HEADS)
+TTA_NOTE = {"none": "none", "flip": "flip (mean of the image and its horizontal mirror, spatial outputs flipped back)"}
 
 
 class EvaluationError(Exception):
@@ -237,11 +251,21 @@ class Collector:
         mask_threshold: probability above which a mask pixel is foreground.
         data_range: value range of ``x`` for PSNR/SSIM (None = per batch max - min).
         thumb: longest side of the gallery copies.
+        boxes_from_mask: ``largest`` | ``components`` | None. When the outputs have a
+            ``mask`` but no ``boxes`` and the targets have ``boxes``, the predicted boxes
+            are read off the mask (:func:`src.inference.slot_boxes_from_masks`: every class
+            slot holds the mask's box; an empty mask gives a zero box) and
+            ``pred["boxes_from_mask"]`` counts the mask's components per image (0 = no box).
+        boxes_min_area: components with fewer pixels (of the model's mask) are ignored.
     """
 
     def __init__(self, heads: Sequence[str], mask_threshold: float = 0.5, data_range: Optional[float] = 1.0,
-                 thumb: int = 128):
+                 thumb: int = 128, boxes_from_mask: Optional[str] = None, boxes_min_area: int = 0):
+        from .inference import resolve_box_mode
+
         self.heads = list(heads)
+        self.boxes_from_mask = resolve_box_mode(boxes_from_mask)
+        self.boxes_min_area = int(boxes_min_area or 0)
         self.mask_threshold = float(mask_threshold)
         self.data_range = data_range
         self.thumb = int(thumb)
@@ -278,6 +302,8 @@ class Collector:
             self._put(self.pred, "tumor", out["tumor"].reshape(B))
         if "boxes" in out and "boxes" in self.heads:
             self._put(self.pred, "boxes", out["boxes"].reshape(B, -1, 4))
+        elif self.boxes_from_mask and "mask" in out and "boxes" in y:
+            self._add_mask_boxes(out["mask"], np.asarray(y["boxes"]).shape[1])
         if "mask" in out and "mask" in self.heads and "mask" in y:
             self._add_mask(out["mask"], np.asarray(y["mask"]), np.asarray(w.get("mask", np.ones(B))), ts)
         for h in RECON_HEADS:
@@ -313,6 +339,14 @@ class Collector:
         self._put(self.thumbs, "mask_pred", np.stack([_resize((pm[i] * 255).astype(np.uint8), ts) for i in range(B)]))
         self._put(self.thumbs, "mask_true", np.stack([_resize(tb[i].astype(np.uint8), ts, nearest=True)
                                                       for i in range(B)]))
+
+    def _add_mask_boxes(self, pm: np.ndarray, num_slots: int) -> None:
+        from .inference import slot_boxes_from_masks
+
+        boxes, counts = slot_boxes_from_masks(pm.reshape(len(pm), *pm.shape[1:3]), num_slots, self.mask_threshold,
+                                              self.boxes_from_mask, self.boxes_min_area)
+        self._put(self.pred, "boxes", boxes)
+        self._put(self.pred, "boxes_from_mask", counts)
 
     def _add_recon(self, head: str, r: np.ndarray, x: np.ndarray, ts, unit: bool) -> None:
         from .evaluation.metrics import psnr, ssim
@@ -425,6 +459,14 @@ def compute_metrics(col: Mapping, class_map, threshold: float = 0.5, n_bins: int
                                           image_size=col.get("image_shape"))
         else:
             skipped("boxes", "no known boxes")
+    if "boxes_from_mask" in pred and "boxes" in heads:
+        # no box head: the boxes were read off the predicted masks (Collector(boxes_from_mask=...))
+        comps = np.asarray(pred["boxes_from_mask"])
+        bk = (np.asarray(col["w"]["boxes"]) > 0).any(axis=1) if boxes_known is None else np.asarray(boxes_known, bool)
+        heads["boxes"].update(source="mask", images_without_box=int((comps[bk] == 0).sum()),
+                              note="boxes read off the predicted mask (no box head): every class slot holds the "
+                                   "mask's box, an empty mask a zero box (IoU 0); detection confidence = the "
+                                   "image's class probability")
     sc = col["scores"]
     if "mask_dice" in sc:
         sel = np.isfinite(sc["mask_dice"])
@@ -527,6 +569,10 @@ def prediction_rows(col: Mapping, class_map, threshold: float, meta: Sequence[Ma
             if hard is not None and classes[int(hard[i])] != NO_TUMOR:
                 r["pred_box_class"] = classes[int(hard[i])]
                 r["pred_box"] = _fmt_box(pred["boxes"][i, int(hard[i])])
+            if "boxes_from_mask" in pred:  # read off the mask: its box whatever the class, none when empty
+                r["mask_components"] = int(pred["boxes_from_mask"][i])
+                r.pop("pred_box_class", None)
+                r["pred_box"] = _fmt_box(pred["boxes"][i, 0]) if r["mask_components"] else ""
         sc = col["scores"]
         if "mask_dice" in sc and np.isfinite(sc["mask_dice"][i]):
             for k, name in (("dice", "dice"), ("iou", "mask_iou"), ("hd95", "hd95"), ("pred_area", "mask_pred_area"),
@@ -641,6 +687,8 @@ def gallery_cases(col: Mapping, class_map, threshold: float, k: int = 6, meta: S
             if hard is not None and classes[int(hard[i])] != NO_TUMOR:
                 slots.add(int(hard[i]))
             c["pred_boxes"] = [(pred["boxes"][i, s], classes[s]) for s in sorted(slots)]
+            if "boxes_from_mask" in pred:  # one box read off the mask (every slot holds it), none when empty
+                c["pred_boxes"] = [(pred["boxes"][i, 0], "mask")] if pred["boxes_from_mask"][i] > 0 else []
         if "mask_true" in th and np.isfinite(col["scores"]["mask_dice"][i]):
             c["true_mask"] = th["mask_true"][i]
             c["pred_mask"] = th["mask_pred"][i].astype(np.float32) / 255.0 >= 0.5
@@ -738,8 +786,11 @@ def _data_range(mode: str) -> Optional[float]:
 def run(cfg, args: Sequence[str] = ()) -> dict:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns a summary dict."""
     from .data.dataset import load_data
+    from .inference import resolve_box_mode, resolve_tta
 
     t0 = time.time()
+    tta = resolve_tta(cfg.get("tta", False))
+    box_mode = resolve_box_mode(cfg.get("boxes_from_mask", "largest"))
     ckpt, run_dir = resolve_checkpoint(cfg.get("checkpoint"))
     settings = evaluation_settings(cfg, args, run_dir)
     data_cfg = settings["data"]
@@ -765,6 +816,7 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     from .data.pipeline import build_dataset, resolve_preprocessing
     from .evaluation.metrics import to_jsonable
     from .evaluation.report import write_report
+    from .inference import predict_with_tta
     from .training.multitask import load_checkpoint
 
     model = load_checkpoint(ckpt)
@@ -786,8 +838,12 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
         threshold = settings["model"].get("threshold", 0.5) or 0.5
     threshold = float(threshold)
     mode = resolve_preprocessing(data_cfg["preprocessing"], data_cfg.get("backbone"))
+    mask_threshold = float(cfg.get("mask_threshold", 0.5))
+    # a mask model without a box head: boxes read off its masks are scored like a detector's
+    mask_boxes = box_mode is not None and "mask" in heads and "boxes" not in heads
+    eval_heads = heads + ["boxes"] if mask_boxes else heads
 
-    targets = dataset_targets(heads, class_map)
+    targets = dataset_targets(eval_heads, class_map)
     # one pass, in order: no augmentation, no shuffling, no repeat, no cache (a training cache
     # file holds other records), no XLA (without augmentation the per-batch image work is a
     # cast and a scale: compiling it per batch shape costs more than it saves in one pass)
@@ -798,10 +854,11 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
 
     @tf.function(reduce_retracing=True)
     def forward(x):
-        return net(x, training=False)
+        return predict_with_tta(net, x, tta)
 
-    col = Collector(heads, mask_threshold=float(cfg.get("mask_threshold", 0.5)), data_range=_data_range(mode),
-                    thumb=int(cfg.get("thumb_size", 128)))
+    col = Collector(heads, mask_threshold=mask_threshold, data_range=_data_range(mode),
+                    thumb=int(cfg.get("thumb_size", 128)), boxes_from_mask=box_mode if mask_boxes else None,
+                    boxes_min_area=int(cfg.get("boxes_min_area") or 0))
     from tqdm import tqdm
 
     with tqdm(total=steps, desc=f"evaluate {split}", unit="batch", file=sys.stderr,
@@ -815,10 +872,19 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     if arrays["n"] != len(records):
         raise EvaluationError(f"the pipeline gave {arrays['n']} images for {len(records)} records")
 
-    meta = [{"path": r.image, "group": r.group if r.group is not None else "", "split": r.split} for r in records]
-    boxes_known = np.array([bool(r.known.get("boxes")) for r in records]) if "boxes" in heads else None
+    meta = [{"path": r.image, "group": r.group if r.group is not None else "", "split": r.split, "tta": tta}
+            for r in records]
+    boxes_known = np.array([bool(r.known.get("boxes")) for r in records]) if "boxes" in eval_heads else None
     metrics = compute_metrics(arrays, class_map, threshold, n_bins=int(cfg.get("calibration_bins", 15)),
                               boxes_known=boxes_known)
+    if mask_boxes and "boxes" in metrics["heads"]:
+        metrics["heads"]["boxes"].update(mode=box_mode, min_area=int(cfg.get("boxes_min_area") or 0),
+                                         mask_threshold=mask_threshold)
+    elif mask_boxes:  # the data has no known box: nothing to score the mask's boxes against
+        mask_boxes, eval_heads = False, heads
+        metrics["notes"] = [n if not n.startswith("head 'boxes'") else
+                            "boxes from the mask: no image of this split has a known box; not evaluated"
+                            for n in metrics["notes"]]
 
     out_dir = Path(cfg.out) if cfg.get("out") else (
         run_dir / f"eval_{split}" if run_dir is not None else
@@ -828,22 +894,24 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     doc = {"checkpoint": str(ckpt), "run_dir": str(run_dir) if run_dir else None,
            "model": info.get("model", model.name),
            "data": bundle.name, "data_root": bundle.root, "split": split, "n_images": len(records),
-           "classes": list(class_map.classes), "evaluated_heads": heads, "threshold": threshold,
-           "mask_threshold": float(cfg.get("mask_threshold", 0.5)), "image_size": data_cfg["image_size"],
-           "created": created, **metrics}
+           "classes": list(class_map.classes), "evaluated_heads": eval_heads, "threshold": threshold,
+           "mask_threshold": mask_threshold, "image_size": data_cfg["image_size"], "tta": tta,
+           "boxes_from_mask": box_mode if mask_boxes else None, "created": created, **metrics}
     (out_dir / "metrics.json").write_text(json.dumps(to_jsonable(doc), indent=2))
     write_csv(out_dir / "predictions.csv", prediction_rows(arrays, class_map, threshold, meta))
     plots = make_plots(arrays, metrics, class_map, out_dir, threshold, gallery=int(cfg.get("gallery", 6)), meta=meta)
     report_meta = {"created": created, "checkpoint": str(ckpt), "model": doc["model"],
                    "data": f"{bundle.name} ({bundle.root})", "split": f"{split}: {len(records)} images",
-                   "heads": ", ".join(heads), "image size": data_cfg["image_size"],
-                   "threshold": threshold, "gallery_score": plots.get("gallery_score", "score")}
+                   "heads": ", ".join(h + (" (from mask)" if h == "boxes" and doc["boxes_from_mask"] else "")
+                                      for h in eval_heads), "image size": data_cfg["image_size"],
+                   "threshold": threshold, "test-time augmentation": TTA_NOTE[tta],
+                   "gallery_score": plots.get("gallery_score", "score")}
     write_report(out_dir / "report.html", to_jsonable(doc), plots, meta=report_meta)
     scalars = headline(to_jsonable(doc))
     tags = {"model": doc["model"], "data": bundle.name, "evaluated_split": split, "evaluated_checkpoint": str(ckpt)}
     mlflow_info = log_to_mlflow(settings["tracking"], run_dir, out_dir, split, scalars, tags)
     summary = {"out": str(out_dir), "report": str(out_dir / "report.html"), "checkpoint": str(ckpt), "split": split,
-               "n_images": len(records), "heads": heads, "headline": scalars, "mlflow": mlflow_info,
+               "n_images": len(records), "heads": eval_heads, "tta": tta, "headline": scalars, "mlflow": mlflow_info,
                "notes": metrics["notes"], "seconds": round(time.time() - t0, 1)}
     return summary
 

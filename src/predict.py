@@ -7,10 +7,19 @@ trained model and writes to ``output``:
   ``predicted`` class and its ``confidence``, ``p_<class>`` for every class, the box of
   the predicted class in **pixel coordinates of the original image** (``box_x0, box_y0,
   box_x1, box_y1``; empty for ``no_tumor``), every box slot (``box_<class>_x0`` ...),
-  the predicted mask area in pixels and the files written for the image;
+  the predicted mask area in pixels, the files written for the image and ``tta``
+  (``none``, or ``flip``: every output is the mean of the model's outputs on the image and
+  on its horizontal mirror, :func:`src.inference.predict_with_tta`). A model with a
+  ``mask`` head and no ``boxes`` head gets its boxes from the mask at the original size
+  (``boxes_from_mask=largest``, the default: the tight box of the largest connected
+  component in ``box_x0 .. box_y1``, empty for an empty mask, with ``box_source=mask`` and
+  ``mask_components``; ``components``: ``box_*`` hold the union box and ``boxes`` lists
+  every component's box as ``x0 y0 x1 y1;...``, largest first; components under
+  ``boxes_min_area`` pixels are ignored; ``false``: no boxes);
 * ``masks/<name>_mask.png`` -- the predicted mask (0/255) at the original size, when the
   model has a ``mask`` head;
-* ``overlays/<name>_overlay.png`` -- the image with the box, the mask outline and the label;
+* ``overlays/<name>_overlay.png`` -- the image with the box (or the mask's boxes), the mask
+  outline and the label;
 * ``skipped.csv`` -- images that could not be read and why (empty file, not an image,
   unsupported format, corrupt data). A bad file never stops the batch; each is also
   reported as a warning.
@@ -371,7 +380,8 @@ def decide(outputs: dict, classes: Sequence[str], threshold: float = 0.5) -> dic
 # drawing
 # ---------------------------------------------------------------------------------------
 def draw_overlay(img: np.ndarray, box: Optional[np.ndarray], mask: Optional[np.ndarray], label: str) -> np.ndarray:
-    """RGB uint8 image with the box (red), mask outline (green) and label."""
+    """RGB uint8 image with the box (red; ``[4]`` or several ``[K, 4]``, pixel xyxy), mask
+    outline (green) and label."""
     import cv2
 
     out = np.ascontiguousarray(img.copy())
@@ -380,9 +390,10 @@ def draw_overlay(img: np.ndarray, box: Optional[np.ndarray], mask: Optional[np.n
     if mask is not None and mask.any():
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, (0, 255, 0), t)
-    if box is not None and np.all(np.isfinite(box)):
-        x0, y0, x1, y1 = np.round(box).astype(int)
-        cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (255, 0, 0), t)
+    for b in (np.asarray(box, np.float64).reshape(-1, 4) if box is not None else ()):
+        if np.all(np.isfinite(b)):
+            x0, y0, x1, y1 = np.round(b).astype(int)
+            cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (255, 0, 0), t)
     if label:
         from .evaluation.gradcam import fit_text_scale
 
@@ -444,20 +455,37 @@ class PredictResult:
     skipped: list
     classes: list
     checkpoint: Path
+    tta: str = "none"
+    boxes_from_mask: Optional[str] = None   # the mode, when the boxes were read off the mask
 
     def summary(self) -> dict:
         return {"output": str(self.output), "checkpoint": str(self.checkpoint), "predicted": len(self.rows),
-                "skipped": len(self.skipped), "classes": self.classes,
+                "skipped": len(self.skipped), "classes": self.classes, "tta": self.tta,
+                "boxes_from_mask": self.boxes_from_mask,
                 "predictions_csv": str(self.output / "predictions.csv"),
                 "skipped_csv": str(self.output / "skipped.csv")}
 
 
 def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch_size: int = 16,
             mask_threshold: float = 0.5, save_masks: bool = True, save_overlays: bool = True,
-            resize: Optional[str] = None, progress: Optional[bool] = None) -> PredictResult:
-    """Predict every image of ``inputs`` (file or folder); see the module docstring."""
+            resize: Optional[str] = None, progress: Optional[bool] = None, tta=None,
+            boxes_from_mask="largest", boxes_min_area: int = 0) -> PredictResult:
+    """Predict every image of ``inputs`` (file or folder); see the module docstring.
+
+    ``tta``: ``none`` / ``False`` or ``flip`` (:func:`src.inference.predict_with_tta`).
+    ``boxes_from_mask``: ``largest`` | ``components`` | ``False``: boxes of a model with a
+    mask head and no box head, read off the mask at the original size
+    (:func:`src.inference.mask_boxes`; components under ``boxes_min_area`` pixels ignored).
+    """
     from tqdm.auto import tqdm
 
+    from .inference import predict_with_tta, resolve_box_mode, resolve_tta
+
+    try:
+        tta = resolve_tta(tta)
+        box_mode = resolve_box_mode(boxes_from_mask)
+    except ValueError as e:
+        raise PredictError(str(e)) from e
     ckpt = resolve_checkpoint(checkpoint)
     meta = run_metadata(ckpt)
     model = load_inference_model(ckpt)
@@ -472,6 +500,7 @@ def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch
     out.mkdir(parents=True, exist_ok=True)
     has_boxes = "boxes" in heads
     has_mask = "mask" in heads
+    mask_boxes = box_mode if has_mask and not has_boxes else None   # boxes read off the mask
     n_slots = int(model.output["boxes"].shape[1]) if has_boxes else 0
     slot_names = [classes[k] if k < len(classes) else f"slot_{k}" for k in range(n_slots)]
     binary_only = "tumor" in heads and not any(h in heads for h in ("class", "multilabel", "subtype"))
@@ -484,7 +513,8 @@ def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch
     rows, skipped = [], []
     batch: list = []
     bs = max(1, int(batch_size))
-    forward = tf.function(lambda x: model(x, training=False))  # traced once: every batch is padded to bs
+    # traced once: every batch is padded to bs
+    forward = tf.function(lambda x: predict_with_tta(model, x, tta))
 
     def flush():
         if not batch:
@@ -496,8 +526,10 @@ def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch
         outs = {k: np.asarray(v)[:len(batch)] for k, v in raw.items()}
         dec = decide(outs, classes if not binary_only else prob_names, thr)
         for i, item in enumerate(batch):
-            rows.append(_row(item, i, outs, dec, prob_names, slot_names, out, thr, mask_threshold, save_masks,
-                             save_overlays, binary_only))
+            row = _row(item, i, outs, dec, prob_names, slot_names, out, thr, mask_threshold, save_masks,
+                       save_overlays, binary_only, mask_boxes, int(boxes_min_area or 0))
+            row["tta"] = tta
+            rows.append(row)
         batch.clear()
 
     disable = None if progress is None else not progress   # None: a bar only on a terminal
@@ -526,9 +558,12 @@ def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch
     if has_boxes:
         cols += ["box_x0", "box_y0", "box_x1", "box_y1"]
         cols += [f"box_{c}_{k}" for c in slot_names for k in ("x0", "y0", "x1", "y1")]
+    if mask_boxes:
+        cols += ["box_x0", "box_y0", "box_x1", "box_y1", "box_source", "mask_components"]
+        cols += ["boxes"] if mask_boxes == "components" else []
     if has_mask:
         cols += ["mask_area_px", "mask_path"]
-    cols.append("overlay_path")
+    cols += ["overlay_path", "tta"]
     with open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -540,11 +575,12 @@ def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch
         w.writerows(skipped)
     if skipped:
         log.warning("%d of %d files skipped (see %s)", len(skipped), len(files), out / "skipped.csv")
-    return PredictResult(output=out, rows=rows, skipped=skipped, classes=classes, checkpoint=ckpt)
+    return PredictResult(output=out, rows=rows, skipped=skipped, classes=classes, checkpoint=ckpt, tta=tta,
+                         boxes_from_mask=mask_boxes)
 
 
 def _row(item, i, outs, dec, prob_names, slot_names, out: Path, thr, mask_thr, save_masks, save_overlays,
-         binary_only) -> dict:
+         binary_only, mask_boxes: Optional[str] = None, min_area: int = 0) -> dict:
     frame: Frame = item["frame"]
     row = {"path": str(item["path"]), "width": frame.w, "height": frame.h}
     label = ""
@@ -574,6 +610,18 @@ def _row(item, i, outs, dec, prob_names, slot_names, out: Path, thr, mask_thr, s
     if "mask" in outs:
         mask = mask_to_original(outs["mask"][i], frame, mask_thr)
         row["mask_area_px"] = int(mask.sum())
+        if mask_boxes:  # no box head: boxes of the mask's components, in original pixels
+            from .inference import mask_boxes as boxes_of, union_box
+
+            comps = boxes_of(mask, 0.5, "components", min_area)
+            row.update(box_source="mask", mask_components=len(comps))
+            chosen = comps[:1] if mask_boxes == "largest" else comps
+            b = union_box(chosen)
+            if b is not None:
+                row.update(box_x0=float(b[0]), box_y0=float(b[1]), box_x1=float(b[2]), box_y1=float(b[3]))
+                box = chosen
+            if mask_boxes == "components":
+                row["boxes"] = ";".join(" ".join(f"{v:g}" for v in c) for c in comps)
         if save_masks:
             mp = out / "masks" / f"{item['name']}_mask.png"
             _write_png(mp, mask * 255)
@@ -594,7 +642,9 @@ def run(cfg) -> dict:
     res = predict(cfg.checkpoint, cfg.input, output, threshold=cfg.get("threshold"),
                   batch_size=int(cfg.get("batch_size") or 16), mask_threshold=float(cfg.get("mask_threshold", 0.5)),
                   save_masks=bool(cfg.get("save_masks", True)), save_overlays=bool(cfg.get("save_overlays", True)),
-                  resize=cfg.get("resize"))
+                  resize=cfg.get("resize"), tta=cfg.get("tta", False),
+                  boxes_from_mask=cfg.get("boxes_from_mask", "largest"),
+                  boxes_min_area=int(cfg.get("boxes_min_area") or 0))
     return res.summary()
 
 

@@ -167,6 +167,65 @@ def test_predict_tumour_subtype_and_mask(images, tmp_path):
     assert {r["predicted"] for r in res.rows} == {"no_tumor"}
 
 
+def test_predict_boxes_from_the_mask(tmp_path):
+    """A mask model without a box head: boxes of the thresholded mask at the original size,
+    in the detectors' columns (largest) or all of them (components), and on the overlay."""
+    run = tmp_path / "run"
+    (run / "phase1" / "checkpoints").mkdir(parents=True)
+    _tumour_model().save(run / "phase1" / "checkpoints" / "best.keras")
+    (run / "run_info.json").write_text(json.dumps({"classes": CLASSES}))
+    img = np.zeros((80, 100, 3), np.uint8)
+    img[20:60, 10:50] = 255         # 40 x 40 white square (the model's mask is the red channel)
+    img[8:24, 70:90] = 255          # 16 x 20 white rectangle
+    _write(tmp_path / "in" / "two.png", img)
+    _write(tmp_path / "in" / "black.png", np.zeros((40, 50, 3), np.uint8))
+
+    res = pr.predict(run, tmp_path / "in", tmp_path / "out")
+    assert res.summary()["boxes_from_mask"] == "largest"
+    with open(tmp_path / "out" / "predictions.csv") as fh:
+        by = {r["path"].split("/")[-1]: r for r in csv.DictReader(fh)}
+    two = by["two.png"]
+    assert "boxes" not in two and two["box_source"] == "mask" and two["mask_components"] == "2"
+    np.testing.assert_allclose([float(two[f"box_{k}"]) for k in ("x0", "y0", "x1", "y1")], [10, 20, 50, 60], atol=2)
+    assert by["black.png"]["box_x0"] == "" and by["black.png"]["mask_components"] == "0"
+    overlay = cv2.imread(two["overlay_path"])[..., ::-1]
+    ys, xs = np.nonzero((overlay[..., 0] == 255) & (overlay[..., 1] == 0) & (overlay[..., 2] == 0))
+    assert len(xs) > 100 and xs.min() >= 8 and xs.max() <= 51 and ys.min() >= 18 and ys.max() <= 61  # the red box
+
+    res = pr.predict(run, tmp_path / "in", tmp_path / "out2", boxes_from_mask="components", save_overlays=False)
+    two = next(r for r in res.rows if r["path"].endswith("two.png"))
+    boxes = [[float(v) for v in b.split()] for b in two["boxes"].split(";")]
+    np.testing.assert_allclose(boxes, [[10, 20, 50, 60], [70, 8, 90, 24]], atol=2)
+    np.testing.assert_allclose([two[f"box_{k}"] for k in ("x0", "y0", "x1", "y1")], [10, 8, 90, 60], atol=2)  # union
+    res = pr.predict(run, tmp_path / "in", tmp_path / "out3", boxes_from_mask=False, save_overlays=False)
+    assert "box_x0" not in res.rows[0] and res.summary()["boxes_from_mask"] is None
+    with pytest.raises(pr.PredictError, match="largest, components or false"):
+        pr.predict(run, tmp_path / "in", tmp_path / "out4", boxes_from_mask="all")
+
+
+def test_predict_cli_with_flip_tta(run_dir, images, tmp_path, capsys):
+    """tta=flip through the CLI: the mean of the image's and the un-flipped mirror's outputs."""
+    rc = pr.main([f"checkpoint={run_dir}", f"input={images / 'a_red.png'}", f"output={tmp_path / 'o'}", "tta=flip"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert json.loads(out.out)["tta"] == "flip"
+    with open(tmp_path / "o" / "predictions.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["tta"] == "flip"
+    model = pr.load_inference_model(pr.resolve_checkpoint(run_dir))
+    x = pr.prepare(pr.read_image(images / "a_red.png"), pr.frame_for(40, 50, (32, 32)))
+    a = {k: np.asarray(v)[0] for k, v in model(x[None], training=False).items()}
+    b = {k: np.asarray(v)[0] for k, v in model(x[None, :, ::-1], training=False).items()}
+    probs = (a["class"] + b["class"]) / 2
+    np.testing.assert_allclose([float(row[f"p_{c}"]) for c in CLASSES], probs, atol=1e-5)
+    bx = (a["boxes"][0] + np.array([1 - b["boxes"][0, 2], b["boxes"][0, 1], 1 - b["boxes"][0, 0],
+                                    b["boxes"][0, 3]])) / 2
+    np.testing.assert_allclose([float(row[f"box_glioma_{k}"]) for k in ("x0", "y0", "x1", "y1")],
+                               bx * [50, 40, 50, 40], atol=1e-3)
+    assert pr.main([f"checkpoint={run_dir}", f"input={images}", f"output={tmp_path / 'o2'}", "tta=mirror"]) == 2
+    assert "tta must be false or flip" in capsys.readouterr().err
+
+
 def test_predict_cli(run_dir, images, tmp_path, capsys, caplog):
     rc = pr.main([f"checkpoint={run_dir}", f"input={images}", f"output={tmp_path / 'o'}", "batch_size=4"])
     out = capsys.readouterr()

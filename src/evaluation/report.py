@@ -202,7 +202,16 @@ def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping]
         if key in heads:
             parts.append(_classification_section(key, heads[key], plots))
     if "boxes" in heads:
-        parts.append(_boxes_section(heads["boxes"], plots))
+        section = _boxes_section(heads["boxes"], plots)
+        if heads["boxes"].get("source") == "mask":  # no box head: boxes read off the predicted masks
+            how = {"largest": "its largest connected component",
+                   "components": "the union of its connected components"}.get(heads["boxes"].get("mode"), "it")
+            section = section.replace(
+                "<h2>Boxes <span class='note'>(head <code>boxes</code>)</span></h2>",
+                "<h2>Boxes (from mask) <span class='note'>(no box head: the tight box of "
+                f"{html.escape(how)} in the predicted <code>mask</code>; an empty mask scores IoU 0; "
+                f"{heads['boxes'].get('images_without_box', '?')} images without a box)</span></h2>", 1)
+        parts.append(section)
     if "mask" in heads:
         parts.append(_mask_section(heads["mask"], plots))
     for key in ("recon", "reconstruction"):

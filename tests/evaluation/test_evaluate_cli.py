@@ -285,3 +285,136 @@ def test_multilabel_head_on_constructed_predictions(tmp_path):
     assert rows[0]["true_labels"] == "glioma" and rows[5]["true_labels"] == "" and rows[5]["true_label"] == ""
     plots = make_plots(arrays, res, cm, tmp_path, threshold=0.5, gallery=2)
     assert plots["gallery_score"] == "p(true class)"
+
+
+# ---------------------------------------------------------------------------------------
+# boxes read off the masks of a model without a box head; test-time augmentation
+# ---------------------------------------------------------------------------------------
+def _box_targets(boxes_per_image, C=4):
+    """Detector-style box targets (slot per class, weights, boxes_all) from ``[(class, box) or None]``."""
+    n = len(boxes_per_image)
+    boxes, bw = np.zeros((n, C, 4), np.float32), np.zeros((n, C), np.float32)
+    ba, bc = np.zeros((n, 1, 4), np.float32), np.full((n, 1), -1, np.int32)
+    for i, cb in enumerate(boxes_per_image):
+        if cb is not None:
+            k, b = cb
+            boxes[i, k] = ba[i, 0] = b
+            bw[i, k], bc[i, 0] = 1.0, k
+    y = {"boxes": boxes, "boxes_all": ba, "boxes_all_classes": bc, "boxes_all_count": (bc[:, 0] >= 0).astype(np.int32)}
+    w = {"boxes": bw, "boxes_all": np.zeros(n), "boxes_all_classes": np.zeros(n), "boxes_all_count": np.zeros(n)}
+    return y, w
+
+
+def test_boxes_from_masks_are_scored_like_a_detectors(tmp_path):
+    """class + mask outputs, no box head: the collector reads a box off each predicted mask,
+    box_report scores it; an empty predicted mask is a zero box (IoU 0), mAP still computes."""
+    cm = ClassMap(CLASSES)
+    pm = np.zeros((4, 32, 32, 1), np.float32)
+    pm[0, 8:16, 4:12] = 0.9                        # exactly the true box of image 0
+    pm[1, 8:16, 4:12] = 0.9
+    pm[1, 20:22, 20:22] = 0.8                      # + a 4-px speck: largest ignores it, components not
+    # image 2: a tumour with an empty predicted mask; image 3: healthy (box unknown)
+    true = [(0, [4 / 32, 8 / 32, 12 / 32, 16 / 32]), (1, [4 / 32, 8 / 32, 12 / 32, 16 / 32]),
+            (2, [0.5, 0.5, 0.75, 0.75]), None]
+    y, w = _box_targets(true)
+    label = np.array([0, 1, 2, 3], np.int32)
+    probs = np.eye(4, dtype=np.float32)[label] * 0.7 + 0.075
+    y.update({"class": label, "mask": (pm > 0.5).astype(np.float32)})
+    w.update({"class": np.ones(4, np.float32), "mask": np.ones(4, np.float32)})
+    x = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
+
+    res = {}
+    for mode in ("largest", "components"):
+        col = Collector(["class", "mask"], boxes_from_mask=mode)
+        col.add(x, y, w, {"class": probs, "mask": pm})
+        arrays = col.arrays()
+        assert arrays["pred"]["boxes"].shape == (4, 4, 4) and arrays["pred"]["boxes_from_mask"].tolist() == [1, 2, 0, 0]
+        res[mode] = compute_metrics(arrays, cm, boxes_known=np.array([True, True, True, False]))
+        b = res[mode]["heads"]["boxes"]
+        assert b["source"] == "mask" and b["images_without_box"] == 1 and b["n_boxes"] == 3
+        assert np.isfinite(b["map50"]) and "mask" in res[mode]["heads"] and "class" in res[mode]["heads"]
+    union = M.box_iou_np([4 / 32, 8 / 32, 22 / 32, 22 / 32], true[1][1])
+    np.testing.assert_allclose(M.slot_ious(arrays["pred"]["boxes"], y["boxes"], w["boxes"])[:3, :3].diagonal(),
+                               [1.0, union, 0.0], atol=1e-6)
+    for mode, ious in (("largest", [1.0, 1.0, 0.0]), ("components", [1.0, union, 0.0])):
+        b = res[mode]["heads"]["boxes"]
+        mean = b.get("mean_iou", b.get("slot_iou_mean"))
+        assert mean == pytest.approx(np.mean(ious), abs=1e-6), mode
+    assert res["largest"]["heads"]["boxes"]["map50"] == pytest.approx(2 / 3, abs=1e-6)  # 2 of 3 tumour classes hit
+
+    # predictions.csv: the mask's box, no box for the empty mask; gallery and report label it
+    rows = prediction_rows(arrays, cm, 0.5, [])
+    assert rows[0]["mask_components"] == 1 and rows[0]["pred_box"] == "0.1250 0.2500 0.3750 0.5000"
+    assert rows[2]["mask_components"] == 0 and rows[2]["pred_box"] == "" and "iou_glioma" in rows[0]
+    plots = make_plots(arrays, res["components"], cm, tmp_path, threshold=0.5, gallery=2)
+    assert plots["gallery_score"].startswith("Dice") and "boxes" in plots
+    page = write_report(tmp_path / "report.html", M.to_jsonable(res["components"]), plots).read_text()
+    assert "Boxes (from mask)" in page and "union of its connected components" not in page  # mode set by run()
+
+    # a model with a box head keeps its own boxes; off: no boxes
+    col = Collector(["class", "mask"], boxes_from_mask=False)
+    col.add(x, y, w, {"class": probs, "mask": pm})
+    assert "boxes" not in col.arrays()["pred"] and "boxes" not in compute_metrics(col.arrays(), cm)["heads"]
+
+
+@pytest.fixture(scope="module")
+def trained_mask_model(tmp_path_factory):
+    """A tiny efficient_mtnet (class + mask, no box head) trained 2 steps on a phantom."""
+    root = tmp_path_factory.mktemp("evalmask")
+    env = {"BTMTL_OUTPUT_ROOT": str(root / "out")}
+    tiny = ["model.ltd_channels=[8,8,8]", "model.widths=[8,12,16]", "model.blocks=[1,1,1]", "model.expansion=2",
+            "model.neck_channels=16", "model.decoder_channels=[16,8]", "model.ham_channels=8", "model.ham_rank=4",
+            "model.class_hidden=8", "model.aux=false"]
+    p = run_module(["src.train", "model=efficient_mtnet", "phase=3", f"data.root={root / 'phantom'}",
+                    "data.options.n_patients=12", "data.options.image_size=64", "data.image_size=64", *tiny,
+                    "trainer.max_epochs=1", "trainer.steps_per_epoch=2", "data.batch_size=8", "tracking=none",
+                    "trainer.verbose=0", f"paths.data_dir={root / 'data'}"], root, env_extra=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run_dir = Path(json.loads(p.stdout[p.stdout.index("{"):])["run_dir"])
+    return root, run_dir, env
+
+
+def test_mask_model_reports_boxes_from_its_masks_with_tta(trained_mask_model, capsys, monkeypatch):
+    """evaluate (tta=flip, through the CLI) scores the boxes read off efficient_mtnet's masks;
+    predict writes them in original pixels."""
+    root, run_dir, env = trained_mask_model
+    monkeypatch.setenv("BTMTL_OUTPUT_ROOT", env["BTMTL_OUTPUT_ROOT"])
+    out = root / "eval_tta"
+    assert main([f"checkpoint={run_dir}", "split=test", f"out={out}", "tta=flip", "boxes_from_mask=components",
+                 "tracking=none", "progress=false", "gallery=2"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("\n{") + 1:])
+    assert summary["heads"] == ["class", "mask", "boxes"] and summary["tta"] == "flip"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tta"] == "flip" and m["boxes_from_mask"] == "components" and m["evaluated_heads"][-1] == "boxes"
+    b = m["heads"]["boxes"]
+    assert b["source"] == "mask" and b["mode"] == "components" and b["n_boxes"] > 0
+    assert {"map50", "map50_95"} <= set(b) and ("iou_ge_0.5" in b or "slot_iou_ge_0.5" in b)
+    page = (out / "report.html").read_text()
+    assert "Boxes (from mask)" in page and "union of its connected components" in page and "horizontal mirror" in page
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == m["n_images"] and {r["tta"] for r in rows} == {"flip"}
+    assert {"box_iou", "mask_components", "dice"} <= set(rows[0])
+
+    from src import predict as pr
+
+    images = sorted((root / "phantom" / "images" / "test").glob("*.png"))[:3]
+    res = pr.predict(run_dir, images[0].parent, root / "pred", batch_size=4, save_overlays=True, tta="flip")
+    assert res.summary()["boxes_from_mask"] == "largest" and res.summary()["tta"] == "flip"
+    with open(root / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"box_x0", "box_y0", "box_x1", "box_y1", "box_source", "mask_components", "tta"} <= set(rows[0])
+    for r in rows:
+        area = int(r["mask_area_px"])
+        assert (r["box_x0"] != "") == (area > 0) and r["box_source"] == "mask" and r["tta"] == "flip"
+        if area:
+            mask = cv2_read(r["mask_path"]) > 0
+            x0, y0, x1, y1 = (int(float(r[f"box_{k}"])) for k in ("x0", "y0", "x1", "y1"))
+            assert mask[y0:y1, x0:x1].any() and x1 <= int(r["width"]) and y1 <= int(r["height"])
+
+
+def cv2_read(path):
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
