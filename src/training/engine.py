@@ -173,6 +173,16 @@ def metric_heads(model) -> list:
     return list(model.active_heads) + extra
 
 
+def compile_model(model, optimizer, num_classes: int, jit) -> None:
+    """Compile with the per-head metrics as *weighted* metrics: Keras' plain ``metrics=``
+    ignore sample weights, so unknown targets (unlabelled images, empty box slots, unknown
+    masks) would count as zeros."""
+    from .metrics import head_metrics
+
+    kw = {"optimizer": optimizer} if optimizer is not None else {}
+    model.compile(weighted_metrics=head_metrics(metric_heads(model), num_classes), jit_compile=jit, **kw)
+
+
 def build_model(model_cfg: dict, class_map, image_size, train_records=None):
     """Network from the registry wrapped in a :class:`MultiTaskModel` with its losses."""
     from ..losses import class_weights_from_labels
@@ -259,7 +269,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from .budget import TimeBudget, fmt_seconds, load_budget_state, parse_duration, phase_budgets
     from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
                             load_epoch_state)
-    from .metrics import head_metrics
     from .multitask import load_checkpoint
     from .optim import EMAValidation, make_optimizer, schedule_of, uses_ema
     from .plots import plot_history
@@ -388,17 +397,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 model.freeze_inactive_heads()
                 active = model.active_heads
                 if resume_from is None:
-                    model.compile(optimizer=make_optimizer(trainer, lr, steps * epochs, steps_per_epoch=steps),
-                                  metrics=head_metrics(metric_heads(model), bundle.class_map.num_classes), jit_compile=jit)
+                    compile_model(model, make_optimizer(trainer, lr, steps * epochs, steps_per_epoch=steps),
+                                  bundle.class_map.num_classes, jit)
                     # optimizer slots created now, not inside the first traced step (which
                     # would then be traced twice)
                     model.optimizer.build(model.trainable_variables)
                 else:
                     # keep the restored optimizer (its state and step count) but refresh the
                     # trainable set and metrics for this phase
-                    model.compile(optimizer=model.optimizer,
-                                  metrics=head_metrics(metric_heads(model), bundle.class_map.num_classes),
-                                  jit_compile=jit)
+                    compile_model(model, model.optimizer, bundle.class_map.num_classes, jit)
             n_train = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
             plan = (f"a {fmt_seconds(budget)} budget (epochs planned after the first, at most {fit_epochs})"
                     if budget else f"{epochs} epochs")
@@ -440,7 +447,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             best_path = ckdir / "best.keras" if (ckdir / "best.keras").is_file() else ckdir / "last.keras"
             best = load_checkpoint(best_path)
             best.set_loss_weights(weights_for(pcfg.get("loss_weights"), best.heads, model_cfg.get("loss_weights")) or {})
-            best.compile(metrics=head_metrics(metric_heads(best), bundle.class_map.num_classes), jit_compile=jit)
+            compile_model(best, None, bundle.class_map.num_classes, jit)
             res = best.evaluate(val_ds, return_dict=True, verbose=0,
                                 steps=val_steps if trainer.get("validation_steps") else None)
             metrics = {"phase": phase, "checkpoint": str(best_path), "val": {k: float(v) for k, v in res.items()},

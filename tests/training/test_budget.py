@@ -113,3 +113,31 @@ def test_training_batches_report_light_metrics(phantom_root, tmp_path):
     assert {"class_auc", "class_f1", "boxes_iou", "val_class_auc"} <= cols
     rows = _history(tmp_path / "light" / "phase3" / "history.csv")
     assert 0.0 <= float(rows[0]["class_acc"]) <= 1.0
+
+
+def test_compiled_metrics_leave_unknown_targets_out():
+    """Keras' plain ``metrics=`` ignore sample weights; the engine compiles weighted ones,
+    so an empty box slot or an unlabelled image does not count as a miss."""
+    import keras
+    import tensorflow as tf
+
+    from src.losses import box_iou
+    from src.models import create_model
+    from src.training.engine import compile_model
+    from src.training.multitask import MultiTaskModel
+
+    keras.utils.set_random_seed(0)
+    net = create_model("small_cnn", num_classes=3, image_size=32, widths=(4, 8), box_head="flat")
+    model = MultiTaskModel(net, {"class": "ce", "boxes": "giou"})
+    compile_model(model, keras.optimizers.Adam(1e-3), 3, False)
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 32, 32, 3), dtype=np.float32)
+    lo = rng.uniform(0, .5, (6, 3, 2)).astype("float32")
+    y = {"class": np.array([0, 1, 2, 0, 1, 2], "int32"), "boxes": np.concatenate([lo, lo + .3], -1)}
+    w = {"class": np.array([1, 1, 1, 0, 0, 0], "float32"), "boxes": np.eye(3, dtype="float32")[y["class"]]}
+    res = model.evaluate(tf.data.Dataset.from_tensors((x, y, w)), return_dict=True, verbose=0)
+    out = model.predict(x, verbose=0)
+    iou = keras.ops.convert_to_numpy(box_iou(y["boxes"], out["boxes"]))
+    assert res["boxes_iou"] == pytest.approx(float(iou[w["boxes"] > 0].mean()), rel=1e-5)
+    acc = float(np.mean(out["class"].argmax(-1)[:3] == y["class"][:3]))
+    assert res["class_acc"] == pytest.approx(acc)
