@@ -46,6 +46,9 @@ def cli_main(doc: str, config_name: str, run: Callable[[Any, list], dict], argv:
     if any(a in ("-h", "--help") for a in args):
         print(doc)
         return 0
+    from .runtime import quiet_tensorflow
+
+    quiet_tensorflow()  # no CUDA-probe noise on a CPU-only machine
     handled = (UsageError, DataError, FileNotFoundError, HydraException, OmegaConfBaseException, *errors)
     try:
         try:

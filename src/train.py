@@ -32,6 +32,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from .runtime import quiet_tensorflow
+
+    quiet_tensorflow()  # no CUDA-probe noise on a CPU-only machine
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run dir: %s", run_dir)
     from .models.backbones import WeightsMismatchError, WeightsUnavailableError

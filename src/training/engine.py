@@ -265,6 +265,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     from ..data.dataset import load_data
     from ..data.pipeline import build_dataset
+    from ..runtime import tune_graph_optimizer
     from ..tracking import Tracker, flatten_config
     from .budget import TimeBudget, fmt_seconds, load_budget_state, parse_duration, phase_budgets
     from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
@@ -296,6 +297,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(int(cfg.seed))
+    tune_graph_optimizer()  # CPU: skip grappler passes that only cost start-up time there
     policy = set_precision(trainer.get("precision", "auto"))
     jit = resolve_jit(trainer.get("jit_compile", "auto"))
     strategy = get_strategy(trainer.get("strategy", "auto"))

@@ -73,6 +73,62 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "alpha": self.alpha, "cosine": self.cosine}
 
 
+class _FusedAdam:
+    """Mixin: the Adam / AdamW step with TensorFlow's fused ``ResourceApplyAdam`` kernel
+    (one op per variable instead of ~30) and the step's scalars (learning rate, the
+    bias corrections, the decay factor) computed once per step instead of once per
+    variable. Same arithmetic as Keras' Adam. Keras builds the update in a Python loop
+    over the variables, so for a network of a few hundred small variables (BatchNorm,
+    squeeze-excitation) the optimizer was two thirds of the traced train step (13,700 of
+    20,300 ops for EfficientMTNet): the graph took seconds to trace and optimise and
+    thousands of tiny ops to run every step.
+
+    Falls back to Keras' own update (same result) outside the TensorFlow backend, with
+    ``amsgrad``, sparse gradients, non-float32 variables or several replicas.
+    """
+
+    def _fused_ok(self) -> bool:
+        if keras.backend.backend() != "tensorflow" or self.amsgrad:
+            return False
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy().num_replicas_in_sync == 1
+
+    def _apply_weight_decay(self, variables):
+        if self.weight_decay is None or not self._fused_ok():
+            return super()._apply_weight_decay(variables)
+        factor = ops.cast(self.learning_rate, "float32") * ops.cast(self.weight_decay, "float32")
+        for v in variables:
+            if self._use_weight_decay(v):
+                v.assign_sub(v * ops.cast(factor, v.dtype))
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if not self._fused_ok():
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        step = ops.cast(self.iterations + 1, "float32")
+        b1, b2 = ops.cast(self.beta_1, "float32"), ops.cast(self.beta_2, "float32")
+        self._fused_scalars = (ops.cast(learning_rate, "float32"), ops.power(b1, step), ops.power(b2, step), b1, b2,
+                               ops.cast(self.epsilon, "float32"))
+        try:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        finally:
+            self._fused_scalars = None
+
+    def update_step(self, gradient, variable, learning_rate):
+        import tensorflow as tf
+
+        scalars = getattr(self, "_fused_scalars", None)
+        if scalars is None or isinstance(gradient, tf.IndexedSlices) or variable.dtype != tf.float32:
+            return super().update_step(gradient, variable, learning_rate)
+        lr, b1p, b2p, b1, b2, eps = scalars
+        i = self._get_variable_index(variable)
+        m, v = self._momentums[i], self._velocities[i]
+        handle = lambda t: (t.value if isinstance(t, keras.Variable) else t).handle  # noqa: E731
+        tf.raw_ops.ResourceApplyAdam(var=handle(variable), m=handle(m), v=handle(v), beta1_power=b1p,
+                                     beta2_power=b2p, lr=lr, beta1=b1, beta2=b2, epsilon=eps,
+                                     grad=ops.cast(gradient, "float32"), use_locking=False)
+
+
 class _EMAWarmup:
     """Mixin: Keras' optimizer EMA with the decay warmed up over the first steps."""
 
@@ -91,13 +147,23 @@ class _EMAWarmup:
 
 
 @keras.saving.register_keras_serializable(package="btmtl")
-class AdamEMA(_EMAWarmup, keras.optimizers.Adam):
-    """Adam whose weight EMA warms up its decay (see the module doc)."""
+class FusedAdam(_FusedAdam, keras.optimizers.Adam):
+    """Keras' Adam with the fused per-variable step (see :class:`_FusedAdam`)."""
 
 
 @keras.saving.register_keras_serializable(package="btmtl")
-class AdamWEMA(_EMAWarmup, keras.optimizers.AdamW):
-    """AdamW whose weight EMA warms up its decay (see the module doc)."""
+class FusedAdamW(_FusedAdam, keras.optimizers.AdamW):
+    """Keras' AdamW with the fused per-variable step (see :class:`_FusedAdam`)."""
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class AdamEMA(_EMAWarmup, _FusedAdam, keras.optimizers.Adam):
+    """Fused Adam whose weight EMA warms up its decay (see the module doc)."""
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class AdamWEMA(_EMAWarmup, _FusedAdam, keras.optimizers.AdamW):
+    """Fused AdamW whose weight EMA warms up its decay (see the module doc)."""
 
 
 @keras.saving.register_keras_serializable(package="btmtl")
@@ -128,9 +194,9 @@ def make_optimizer(trainer: Mapping, learning_rate: float, total_steps: int, ste
     name = trainer.get("optimizer", "adamw")
     ema = bool(trainer.get("ema_weights"))
     if name == "adam":
-        return (AdamEMA if ema else keras.optimizers.Adam)(**kw)
+        return (AdamEMA if ema else FusedAdam)(**kw)
     if name == "adamw":
-        return (AdamWEMA if ema else keras.optimizers.AdamW)(weight_decay=float(trainer.get("weight_decay") or 0.0),
+        return (AdamWEMA if ema else FusedAdamW)(weight_decay=float(trainer.get("weight_decay") or 0.0),
                                                              **kw)
     if name == "sgd":
         return (SGDEMA if ema else keras.optimizers.SGD)(momentum=0.9, weight_decay=trainer.get("weight_decay") or None,
@@ -189,5 +255,5 @@ class EMAValidation(keras.callbacks.Callback):
         self._swap(False)
 
 
-__all__ = ["WarmupCosine", "AdamEMA", "AdamWEMA", "SGDEMA", "make_optimizer", "schedule_of", "uses_ema", "swap_ema",
+__all__ = ["WarmupCosine", "FusedAdam", "FusedAdamW", "AdamEMA", "AdamWEMA", "SGDEMA", "make_optimizer", "schedule_of", "uses_ema", "swap_ema",
            "EMAValidation"]

@@ -95,7 +95,7 @@ def test_ema_weights_are_what_best_keras_holds(phantom_root, tmp_path):
     last, best = load_checkpoint(ck / "last.keras"), load_checkpoint(ck / "best.keras")
     opt = last.optimizer
     assert opt.use_ema
-    name = "boxes_logits"
+    name = "boxes_dist"
     k_last = last.network.get_layer(name).kernel
     i = [j for j, v in enumerate(opt._trainable_variables) if v.path == k_last.path][0]
     avg = np.array(opt._model_variables_moving_average[i].numpy())

@@ -41,7 +41,8 @@ def test_phase_chain_all(phantom_root, tmp_path):
     assert "boxes_loss" in summary["phases"]["1"]["val"] and "class_loss" not in summary["phases"]["1"]["val"]
     assert {"class_loss", "boxes_loss", "class_acc"} <= set(final["val"])
     model = load_checkpoint(run_dir / "phase3" / "checkpoints" / "best.keras")
-    assert set(model.network.output) == {"class", "boxes"}
+    assert set(model.network.output) == {"class", "boxes", "boxes_aux1"}  # dense box maps: training only
+    assert set(model.inference_model().output) == {"class", "boxes"}
 
 
 def test_single_phase_starts_from_previous_phase_checkpoint(phantom_root, tmp_path, capsys):

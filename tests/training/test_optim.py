@@ -107,3 +107,26 @@ def test_swap_is_an_exchange_and_validation_uses_the_average():
     swap_ema(opt)
     for v, b in zip(opt._trainable_variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+@pytest.mark.parametrize("fused,reference,kw", [
+    ("FusedAdam", keras.optimizers.Adam, {}),
+    ("FusedAdamW", keras.optimizers.AdamW, {"weight_decay": 0.05}),
+])
+def test_fused_adam_steps_equal_keras(fused, reference, kw):
+    """The fused kernel path gives Keras' Adam / AdamW weights (schedule, clipping and
+    decay included)."""
+    import src.training.optim as optim
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 3)).astype("float32"), rng.normal(size=(32, 2)).astype("float32")
+    results = []
+    for cls in (getattr(optim, fused), reference):
+        model = _tiny_model()
+        opt = cls(learning_rate=WarmupCosine(0.05, total_steps=8, warmup_steps=2), global_clipnorm=1.0, **kw)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+        results.append([np.array(v.numpy()) for v in model.weights])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    assert isinstance(make_optimizer({"optimizer": "adamw"}, 1e-3, 10), optim.FusedAdamW)
