@@ -6,8 +6,9 @@ first epoch :class:`TimeBudget` measures it (tracing the train and validation st
 which only the first epoch pays, is measured separately), works out how many epochs fit
 before the budget runs out with room left for the final evaluation, sets the learning
 rate schedule to that length (:class:`src.training.optim.WarmupCosine`) so it completes
-inside the budget, logs the decision, and refines it after the second epoch, the first
-one without tracing (later epochs only shorten the plan, when they turn out slower).
+inside the budget, logs the decision, and refines it from the measured epochs (the first without tracing is the
+second): up to half-way through the plan it may grow or shrink, after that it only
+shrinks, when epochs turn out slower.
 Training stops at the end of the planned epoch; if an epoch
 runs over (a slower machine, a busier minute) it stops at the first batch past the
 budget, and the epoch in flight is still validated and checkpointed.
@@ -190,14 +191,19 @@ class TimeBudget(keras.callbacks.Callback):
             self._cycles.append(now - self._last_end)
         self._last_end = now
         if not self.stopped_early:
-            # epoch 1: an estimate from its steps; epoch 2: the measured cycle; later only
-            # shorten the plan when the run turns out slower than planned
-            per_epoch = max(sum(self._cycles) / len(self._cycles) if self._cycles else self._steady_epoch(), 1e-3)
+            # epoch 1: an estimate from its steps; then the measured epoch cycles (median of
+            # the last five, so one slow epoch on a shared machine does not rule). Until half
+            # the plan is done it may grow or shrink; after that it only shrinks, so the
+            # schedule's end stays where it is unless the budget forces it earlier.
+            recent = sorted(self._cycles[-5:])
+            per_epoch = max(recent[len(recent) // 2] if recent else self._steady_epoch(), 1e-3)
             left = self.seconds - self.elapsed() - self.reserve()
             fit = done + max(0, int(left // per_epoch))
             planned = min(fit, self.max_epochs)
-            replan = self.epochs_run <= 2 or (self.planned is not None and planned < self.planned)
-            if replan and (self.planned is None or planned != self.planned):
+            early = self.planned is None or done <= self.planned // 2
+            # growing is worth a change of schedule only when it adds a few epochs
+            grow = early and (self.planned is None or planned >= self.planned + max(2, self.planned // 20))
+            if self.planned is None or grow or planned < self.planned:
                 self.planned = planned
                 if self.schedule is not None:
                     self.schedule.set_total_steps(planned * self.steps)
