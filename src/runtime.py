@@ -32,6 +32,20 @@ BENIGN = tuple(re.compile(p) for p in (
 ))
 
 
+def process_started() -> float:
+    """``time.monotonic()`` at the moment this process started (Linux: from /proc; else now)."""
+    import time
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.monotonic() - max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
 def nvidia_driver_present() -> bool:
     """An NVIDIA kernel driver or ``libcuda`` is installed (a GPU may be usable)."""
     return os.path.exists("/proc/driver/nvidia/version") or ctypes.util.find_library("cuda") is not None
@@ -95,5 +109,5 @@ def tune_graph_optimizer() -> dict:
     return options
 
 
-__all__ = ["quiet_tensorflow", "filter_startup_lines", "nvidia_driver_present", "tune_graph_optimizer", "BENIGN",
+__all__ = ["process_started", "quiet_tensorflow", "filter_startup_lines", "nvidia_driver_present", "tune_graph_optimizer", "BENIGN",
            "CPU_GRAPPLER_OFF"]

@@ -325,6 +325,46 @@ class LogLearningRate(keras.callbacks.Callback):
             pass
 
 
+class StepTimer(keras.callbacks.Callback):
+    """Time the training steps of a ``fit``: the first one (which traces the train
+    step: the start-up cost a user waits for) and the steady rate after it.
+
+    ``summary()`` gives ``first_step_s`` (from ``on_train_begin`` to the end of the first
+    step), ``step_s`` (median of the later steps), ``train_img_per_s`` (``batch_size /
+    step_s``) and ``steps_timed``. Validation and callbacks are not in the steady rate.
+    """
+
+    def __init__(self, batch_size: int, since: Optional[float] = None):
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.since = since
+        self.first_step: Optional[float] = None
+        self.since_start: Optional[float] = None
+        self.steps: list = []
+
+    def on_train_begin(self, logs=None):
+        self._t0 = time.monotonic()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._tb = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        if self.first_step is None:
+            self.first_step = now - self._t0
+            self.since_start = (now - self.since) if self.since is not None else None
+        else:
+            self.steps.append(now - self._tb)
+
+    def summary(self) -> dict:
+        step = sorted(self.steps)[len(self.steps) // 2] if self.steps else None
+        return {"first_step_s": round(self.first_step, 2) if self.first_step is not None else None,
+                "first_step_since_start_s": round(self.since_start, 2) if self.since_start is not None else None,
+                "step_s": round(step, 4) if step else None,
+                "train_img_per_s": round(self.batch_size / step, 1) if step else None,
+                "steps_timed": len(self.steps)}
+
+
 class TimeLimit(keras.callbacks.Callback):
     """Stop training gracefully at an epoch end once ``seconds`` have passed.
 
@@ -384,6 +424,7 @@ def make_callbacks(run_dir, monitor: str = "val_loss", mode: str = "auto", phase
     return cbs
 
 
-__all__ = ["BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "LogLearningRate", "TimeLimit",
+__all__ = ["BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "LogLearningRate", "StepTimer",
+           "TimeLimit",
            "load_epoch_state", "make_callbacks", "atomic_write_json", "atomic_write_text",
            "atomic_save_model", "resolve_mode", "is_improvement"]

@@ -265,11 +265,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     from ..data.dataset import load_data
     from ..data.pipeline import build_dataset
-    from ..runtime import tune_graph_optimizer
+    from ..runtime import process_started, tune_graph_optimizer
     from ..tracking import Tracker, flatten_config
     from .budget import TimeBudget, fmt_seconds, load_budget_state, parse_duration, phase_budgets
     from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
-                            load_epoch_state)
+                            StepTimer, load_epoch_state)
     from .multitask import load_checkpoint
     from .optim import EMAValidation, make_optimizer, schedule_of, uses_ema
     from .plots import plot_history
@@ -414,7 +414,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             print(f"phase {phase}: heads {active}, {n_train:,} trainable params, lr {lr:g}, {plan} x {steps} steps"
                   + (", weight EMA" if uses_ema(model.optimizer) else ""))
             initial_epoch = int(state["epoch"]) if resume_from is not None else 0
+            timing = StepTimer(batch, since=process_started() if phase == first else phase_start)
             callbacks = [
+                timing,
                 *([EMAValidation()] if uses_ema(model.optimizer) else []),
                 *([LogBalancerState()] if model.balancer.mode != "static" else []),
                 LogLearningRate(),
@@ -454,7 +456,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                 steps=val_steps if trainer.get("validation_steps") else None)
             metrics = {"phase": phase, "checkpoint": str(best_path), "val": {k: float(v) for k, v in res.items()},
                        "unfreeze": unfreeze, "balancer": best.balancer.state(),
-                       "seconds": round(time.monotonic() - phase_start, 1)}
+                       "seconds": round(time.monotonic() - phase_start, 1), "timing": timing.summary()}
             if timer is not None:
                 metrics["budget"] = timer.summary(timer.epochs_run + initial_epoch)
                 metrics["budget"]["elapsed_s"] = round(timer.elapsed(), 1)
