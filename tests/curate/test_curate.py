@@ -25,7 +25,7 @@ import pytest
 
 from src.curate import (KINDS, Edges, Policy, Settings, UnionFind, apply_policy, curate_records, hamming_cross,
                         hamming_pairs, hash_file)
-from src.curate.hashing import canonical_array
+from src.data.dedup import canonical_array
 from src.data.dataset import load_data
 from src.data.records import DataError, Record, load_manifest
 from tests.conftest import need_dataset

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..data.records import DataError
+from ..records import DataError
 
 
 @dataclass
@@ -181,7 +181,7 @@ def parallel_imap(fn: Callable, items: Sequence, workers: int, chunk: int = 32,
         return
     window: deque = deque()
     it = iter(chunks)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="curate-hash") as ex:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dedup-hash") as ex:
         for c in it:
             window.append((len(c), ex.submit(run, c)))
             if len(window) >= 3 * workers:
