@@ -7,10 +7,10 @@ In process::
     res = curate_records(load_data(cfg.data).records, Settings(hamming=6))
     write_outputs(res, "outputs/curate/mine")   # manifest.jsonl -> data.manifest=...
 
-The detection core lives one layer down, in :mod:`src.data.dedup`: decoded-pixel and
-perceptual hashes (``hashing``), blocked Hamming / cosine pair search and union-find
-(``search``), duplicate pairs of each kind (``edges``) and which copy of a group is kept
-(``resolve.plan_drops``).
+The detection core lives one layer down, in :mod:`src.data.dedup` (``load_data`` uses it
+for ``data.duplicates``): decoded-pixel and perceptual hashes (``hashing``, cached on disk
+by ``cache``), blocked Hamming / cosine pair search and union-find (``search``), duplicate
+pairs of each kind (``edges``) and which copy a group keeps (``resolve.plan_drops``).
 Here, on top: :mod:`.groups` (groups, leakage and conflict counts), :mod:`.manifest` (the
 cleaning policy), :mod:`.embeddings` (optional network features), :mod:`.report` (CSV,
 gallery, embedding plot), :mod:`.core` (the whole run), :mod:`.cli`.

@@ -26,6 +26,7 @@ left-right mirrored copy can be matched; without it a mirrored copy is *not* a d
 :func:`hash_files` hashes many files in a thread pool (decoding, resizing and BLAKE2b
 release the GIL), streaming: at most a few chunks are in flight, results come back in
 input order, progress on stderr (tqdm when installed, else a counter every 10%).
+:func:`src.data.dedup.cache.hash_files_cached` keeps the hashes on disk per file.
 """
 from __future__ import annotations
 
