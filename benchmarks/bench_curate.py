@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from src.curate import Settings, curate_records  # noqa: E402
-from src.curate.hashing import hash_files  # noqa: E402
+from src.data.dedup import hash_files  # noqa: E402
 from src.data.base import IMAGE_EXTENSIONS  # noqa: E402
 from src.data.records import Record  # noqa: E402
 

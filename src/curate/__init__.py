@@ -7,14 +7,16 @@ In process::
     res = curate_records(load_data(cfg.data).records, Settings(hamming=6))
     write_outputs(res, "outputs/curate/mine")   # manifest.jsonl -> data.manifest=...
 
-Modules: :mod:`.hashing` (decoded-pixel and perceptual hashes, in parallel),
-:mod:`.search` (blocked Hamming / cosine pair search, union-find), :mod:`.groups`
-(edge kinds, groups, leakage and conflict counts), :mod:`.manifest` (the cleaning
-policy), :mod:`.embeddings` (optional network features), :mod:`.report` (CSV, gallery,
-embedding plot), :mod:`.core` (the whole run).
+The detection core lives one layer down, in :mod:`src.data.dedup` (``load_data`` uses it
+for ``data.duplicates``): decoded-pixel and perceptual hashes (``hashing``, cached on disk
+by ``cache``), blocked Hamming / cosine pair search and union-find (``search``), duplicate
+pairs of each kind (``edges``) and which copy a group keeps (``resolve.plan_drops``).
+Here, on top: :mod:`.groups` (groups, leakage and conflict counts), :mod:`.manifest` (the
+cleaning policy), :mod:`.embeddings` (optional network features), :mod:`.report` (CSV,
+gallery, embedding plot), :mod:`.core` (the whole run), :mod:`.cli`.
 """
+from ..data.dedup import (KINDS, Edges, ImageHashes, UnionFind, canonical_array, cosine_pairs,  # noqa: F401
+                          find_edges, hamming_cross, hamming_pairs, hash_file, hash_files)
 from .core import Result, Settings, cross_dataset, curate_records, summarise, write_outputs  # noqa: F401
-from .groups import KINDS, Edges, Group, build_groups, find_edges, group_stats  # noqa: F401
-from .hashing import ImageHashes, canonical_array, hash_file, hash_files  # noqa: F401
+from .groups import Group, build_groups, group_stats  # noqa: F401
 from .manifest import Policy, apply_policy  # noqa: F401
-from .search import UnionFind, cosine_pairs, hamming_cross, hamming_pairs  # noqa: F401

@@ -19,10 +19,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..data.records import DataError, Record, save_manifest
-from .groups import KINDS, Edges, Group, build_groups, find_edges, group_stats, phash_matrix, split_name
-from .hashing import ImageHashes, hash_files, raise_or_drop
+from ..data.dedup.edges import KINDS, Edges, find_edges, phash_matrix, split_name
+from ..data.dedup.hashing import ImageHashes, hash_files, raise_or_drop
+from ..data.dedup.search import hamming_cross
+from .groups import Group, build_groups, group_stats
 from .manifest import Policy, apply_policy
-from .search import hamming_cross
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..data.dedup.hashing import Progress, default_workers, parallel_imap
 from ..data.records import DataError
-from .hashing import Progress, default_workers, parallel_imap
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,9 @@
-"""Duplicate pairs (edges) of four kinds, their groups, and what the groups say.
+"""Duplicate groups and what they say: within a split, across splits, label conflicts.
 
-Kinds, strongest first (a pair found by several passes keeps the strongest kind):
-
-``exact``      same canonical pixels (:mod:`src.curate.hashing`), distance 0
-``near``       perceptual-hash Hamming distance ``<= hamming`` (re-encoded, resized,
-               slightly edited copies); distance = Hamming distance in bits
-``flip``       the mirrored image of one is within ``hamming`` of the other (only with
-               ``include_flips``); distance = that Hamming distance
-``embedding``  cosine similarity of network features ``>= threshold`` (only with
-               ``embeddings``); distance = ``1 - cosine``
-
-Groups are the connected components of all edges (union-find): ``a~b`` and ``b~c`` put
-``a, b, c`` in one group even when ``a`` and ``c`` differ more than the threshold. A
-group *crosses splits* (leakage) when its members are in more than one split, and is a
-*conflict* when its members carry more than one known label.
+The pairs (edges) and their kinds come from :mod:`src.data.dedup.edges` (``exact``,
+``near``, ``flip``, ``embedding``, strongest first). Groups are the connected components
+of all edges (union-find). A group *crosses splits* (leakage) when its members are in
+more than one split, and is a *conflict* when its members carry more than one known label.
 """
 from __future__ import annotations
 
@@ -23,105 +13,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .hashing import ImageHashes
-from .search import UnionFind, cosine_pairs, hamming_cross, hamming_pairs, stack_bits
-
-KINDS: tuple[str, ...] = ("exact", "near", "flip", "embedding")
-SPLIT_ORDER = ("train", "val", "test", "none")
-
-
-@dataclass
-class Edges:
-    """Pairs ``i < j`` of duplicate images with their kind (index in :data:`KINDS`) and distance."""
-
-    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
-    kinds: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int8))
-    distance: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float64))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def of_kinds(self, kinds: Sequence[str]) -> "Edges":
-        ids = [KINDS.index(k) for k in kinds]
-        m = np.isin(self.kinds, ids)
-        return Edges(self.pairs[m], self.kinds[m], self.distance[m])
-
-    def count(self, kind: str) -> int:
-        return int((self.kinds == KINDS.index(kind)).sum())
-
-
-def exact_ids(hashes: Sequence[ImageHashes]) -> np.ndarray:
-    """Integer id per image: equal ids = equal exact hashes."""
-    _, inv = np.unique(np.array([h.exact for h in hashes], dtype=object).astype(str), return_inverse=True)
-    return inv.astype(np.int64)
-
-
-def phash_matrix(hashes: Sequence[ImageHashes], attr: str = "phash") -> np.ndarray:
-    rows = [getattr(h, attr) for h in hashes]
-    nbytes = max((len(r) for r in rows if r is not None), default=8)
-    return stack_bits(rows, nbytes)
-
-
-def find_edges(hashes: Sequence[ImageHashes], hamming: Optional[int], include_flips: bool = False,
-               features: Optional[np.ndarray] = None, cosine: float = 0.97, block: int = 2048) -> Edges:
-    """Every duplicate pair among ``hashes`` (all hashed, no errors), strongest kind first.
-
-    ``hamming=None`` skips the perceptual passes (exact duplicates, and embeddings if given)."""
-    n = len(hashes)
-    if n < 2:
-        return Edges()
-    ex = exact_ids(hashes)
-    parts_pairs, parts_kind, parts_dist = [], [], []
-
-    # exact: a star per bucket of equal pixels
-    order = np.argsort(ex, kind="stable")
-    s = ex[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    first = np.repeat(order[starts], np.diff(np.r_[starts, n]))
-    m = first != order
-    if m.any():
-        p = np.sort(np.stack([first[m], order[m]], axis=1), axis=1)
-        parts_pairs.append(p)
-        parts_kind.append(np.full(len(p), 0, np.int8))
-        parts_dist.append(np.zeros(len(p)))
-
-    if hamming is not None:
-        bits = phash_matrix(hashes)
-        near = hamming_pairs(bits, hamming, block=block)
-        near = near[ex[near[:, 0]] != ex[near[:, 1]]]
-        if len(near):
-            parts_pairs.append(near[:, :2])
-            parts_kind.append(np.full(len(near), 1, np.int8))
-            parts_dist.append(near[:, 2].astype(np.float64))
-
-    if include_flips and hamming is not None:
-        fl = hamming_cross(phash_matrix(hashes, "flip"), bits, hamming, block=block)
-        fl = fl[(fl[:, 0] != fl[:, 1]) & (ex[fl[:, 0]] != ex[fl[:, 1]])]
-        if len(fl):
-            fl = fl[np.argsort(fl[:, 2], kind="stable")]
-            parts_pairs.append(np.sort(fl[:, :2], axis=1))
-            parts_kind.append(np.full(len(fl), 2, np.int8))
-            parts_dist.append(fl[:, 2].astype(np.float64))
-
-    if features is not None:
-        pe, sim = cosine_pairs(features, cosine, block=block)
-        keep = ex[pe[:, 0]] != ex[pe[:, 1]]
-        pe, sim = pe[keep], sim[keep]
-        if len(pe):
-            o = np.argsort(-sim, kind="stable")
-            parts_pairs.append(pe[o])
-            parts_kind.append(np.full(len(pe), 3, np.int8))
-            parts_dist.append(np.round(1.0 - sim[o].astype(np.float64), 6))
-
-    if not parts_pairs:
-        return Edges()
-    pairs = np.concatenate(parts_pairs)
-    kinds = np.concatenate(parts_kind)
-    dist = np.concatenate(parts_dist)
-    # one edge per pair: the first occurrence = the strongest kind (then the smallest distance)
-    _, first_idx = np.unique(pairs[:, 0] * n + pairs[:, 1], return_index=True)
-    first_idx = np.sort(first_idx)
-    return Edges(pairs[first_idx], kinds[first_idx], dist[first_idx])
+from ..data.dedup.edges import (KINDS, SPLIT_ORDER, Edges, exact_ids, find_edges, level_counts,  # noqa: F401
+                                phash_matrix, split_key, split_name, split_pair_name)
+from ..data.dedup.search import UnionFind
 
 
 @dataclass
@@ -149,25 +43,6 @@ class Group:
         return len(self.labels) > 1
 
 
-def split_name(s: Optional[str]) -> str:
-    return s if s else "none"
-
-
-def _split_key(s: str):
-    return (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s)
-
-
-def split_pair_name(a: str, b: str) -> str:
-    a, b = sorted((a, b), key=_split_key)
-    return f"{a}/{b}"
-
-
-def _roots(n: int, edges: Edges) -> np.ndarray:
-    uf = UnionFind(n)
-    uf.union_pairs(edges.pairs)
-    return np.array([uf.find(i) for i in range(n)], np.int64)
-
-
 def build_groups(n: int, edges: Edges, splits: Sequence[Optional[str]], labels: Sequence[Optional[str]],
                  kinds: Sequence[str] = ("exact", "near")) -> tuple[list[Group], dict]:
     """Groups (largest first, ids from 1) and cumulative counts per searched kind (``kinds``).
@@ -180,19 +55,7 @@ def build_groups(n: int, edges: Edges, splits: Sequence[Optional[str]], labels: 
     uf = UnionFind(n)
     uf.union_pairs(edges.pairs)
     comps = uf.components()
-    searched = {KINDS.index(k) for k in kinds} | {int(k) for k in edges.kinds}
-    levels: dict = {}
-    level_roots: dict[int, np.ndarray] = {}
-    for k in range(len(KINDS)):
-        sub = Edges(edges.pairs[edges.kinds <= k], edges.kinds[edges.kinds <= k], edges.distance[edges.kinds <= k])
-        if k not in searched:
-            continue
-        roots = _roots(n, sub) if len(sub) else np.arange(n)
-        level_roots[k] = roots
-        counts = collections.Counter(roots.tolist())
-        sizes = [c for c in counts.values() if c > 1]
-        levels[KINDS[k]] = {"pairs": edges.count(KINDS[k]), "groups": len(sizes), "images": int(sum(sizes)),
-                            "extra_copies": int(sum(sizes) - len(sizes))}
+    levels, level_roots = level_counts(n, edges, kinds)
     # strongest link per member
     best_kind = np.full(n, 99, np.int64)
     best_dist = np.full(n, np.inf)
@@ -214,7 +77,7 @@ def build_groups(n: int, edges: Edges, splits: Sequence[Optional[str]], labels: 
                 break
         groups.append(Group(
             id=gid, members=members, kind=kind,
-            splits=sorted({splits[i] for i in members}, key=_split_key),
+            splits=sorted({splits[i] for i in members}, key=split_key),
             labels=sorted({labels[i] for i in members if labels[i] is not None}),
             member_kind={i: KINDS[int(best_kind[i])] for i in members},
             member_distance={i: float(best_dist[i]) for i in members}))
@@ -244,7 +107,7 @@ def group_stats(groups: Sequence[Group]) -> dict:
         "extra_copies": int(sum(g.size - 1 for g in groups)),
         "largest": max((g.size for g in groups), default=0),
         "by_kind": {k: by_kind[k] for k in KINDS if k in by_kind},
-        "within_split": dict(sorted(within.items(), key=lambda kv: _split_key(kv[0]))),
+        "within_split": dict(sorted(within.items(), key=lambda kv: split_key(kv[0]))),
         "cross_split": {"groups": len(cross), "images": int(sum(g.size for g in cross)),
                         "by_split_pair": dict(sorted(cross_pairs.items()))},
         "conflicts": {"groups": len(conflicts), "images": int(sum(g.size for g in conflicts)),

@@ -23,13 +23,12 @@ import collections
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+from ..data.dedup.edges import KINDS, Edges, split_name
+from ..data.dedup.resolve import DROP_REASONS, KEEP, plan_drops
+from ..data.dedup.search import UnionFind
 from ..data.records import DataError, Record
-from .groups import KINDS, Edges, split_name
-from .search import UnionFind
 
-KEEP = ("prefer_train", "first")
-REASONS = ("duplicate", "cross_split_copy", "conflict", "in_against")
-_SPLIT_RANK = {"train": 0, "none": 1, "val": 2, "test": 3}
+REASONS = (*DROP_REASONS, "in_against")
 
 
 @dataclass
@@ -55,12 +54,6 @@ class Policy:
                    kinds=None if kinds is None else tuple(kinds), drop_against=bool(cfg.get("drop_against", False)))
 
 
-def _rank(r: Record, pixels: int, keep: str):
-    if keep == "first":
-        return (r.image,)
-    return (_SPLIT_RANK.get(split_name(r.split), 4), 0 if r.label is not None else 1, -pixels, r.image)
-
-
 def apply_policy(records: Sequence[Record], edges: Edges, policy: Policy, pixels: Optional[Sequence[int]] = None,
                  against: Iterable[int] = ()) -> tuple[list[int], dict[int, str], dict]:
     """``(kept indices, {dropped index: reason}, stats)`` for ``records`` (no record is changed)."""
@@ -68,19 +61,8 @@ def apply_policy(records: Sequence[Record], edges: Edges, policy: Policy, pixels
     pixels = list(pixels) if pixels is not None else [(r.width or 0) * (r.height or 0) for r in records]
     uf = UnionFind(n)
     uf.union_pairs(edges.of_kinds(policy.kinds).pairs)
-    dropped: dict[int, str] = {}
     groups = uf.components()
-    for members in groups:
-        labels = {records[i].label for i in members if records[i].label is not None}
-        if policy.drop_conflicts and len(labels) > 1:
-            for i in members:
-                dropped[i] = "conflict"
-            continue
-        best = min(members, key=lambda i: _rank(records[i], pixels[i], policy.keep))
-        for i in members:
-            if i != best:
-                dropped[i] = "cross_split_copy" if split_name(records[i].split) != split_name(records[best].split) \
-                    else "duplicate"
+    dropped = plan_drops(records, groups, policy.keep, policy.drop_conflicts, pixels)
     if policy.drop_against:
         for i in against:
             dropped.setdefault(int(i), "in_against")

@@ -8,9 +8,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..data.dedup.hashing import ImageHashes
 from ..data.records import Record
 from .groups import Group, split_name
-from .hashing import ImageHashes
 
 log = logging.getLogger(__name__)
 

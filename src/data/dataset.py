@@ -1,7 +1,8 @@
 """From a ``data`` config to split records: the one entry every command uses.
 
 ``load_data(cfg.data)`` reads the dataset with its reader (or a cleaned manifest),
-assigns groups from ``group_regex``, rasterises polygon masks once, assigns
+assigns groups from ``group_regex``, handles duplicate images (``data.duplicates: keep |
+group | drop``, :mod:`src.data.dedup.resolve`), rasterises polygon masks once, assigns
 group-aware splits and returns a :class:`DataBundle`.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .base import SkipLog, get_reader
+from .dedup.resolve import DuplicateSettings, resolve_duplicates
 from .records import NO_TUMOR, ClassMap, DataError, Record, load_manifest
 from .splits import assign_splits, split_summary
 
@@ -26,13 +28,17 @@ class DataBundle:
     class_map: ClassMap
     skipped: SkipLog = field(default_factory=SkipLog)
     root: Optional[str] = None
+    duplicates: Optional[dict] = None  # what data.duplicates did (None with keep)
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
 
     def summary(self) -> dict:
-        return {"name": self.name, "root": self.root, "classes": list(self.class_map.classes),
-                "splits": split_summary(self.records), "skipped": self.skipped.summary()}
+        out = {"name": self.name, "root": self.root, "classes": list(self.class_map.classes),
+               "splits": split_summary(self.records), "skipped": self.skipped.summary()}
+        if self.duplicates is not None:
+            out["duplicates"] = self.duplicates
+        return out
 
 
 def _get(cfg: Any, key: str, default=None):
@@ -94,9 +100,31 @@ def mark_healthy_known_empty(records: list[Record]) -> int:
     return n
 
 
+def duplicate_settings(data_cfg) -> DuplicateSettings:
+    """``data.duplicates`` (keep | group | drop), ``duplicates_hamming``, ``duplicates_flips``."""
+    return DuplicateSettings(mode=_get(data_cfg, "duplicates", "keep"),
+                             hamming=_get(data_cfg, "duplicates_hamming", 12),
+                             flips=bool(_get(data_cfg, "duplicates_flips", False)))
+
+
+def split_options(data_cfg) -> dict:
+    """Keyword arguments of :func:`assign_splits` from ``data.split``."""
+    split_cfg = _plain(_get(data_cfg, "split")) or {}
+    return {"val_fraction": float(split_cfg.get("val_fraction", 0.15)),
+            "test_fraction": float(split_cfg.get("test_fraction", 0.15)),
+            "seed": int(split_cfg.get("seed", _get(data_cfg, "seed", 42) or 42)),
+            "use_existing": bool(split_cfg.get("use_existing", True)),
+            "carve_test": split_cfg.get("carve_test")}
+
+
 def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) -> DataBundle:
-    """Read, group, rasterise and split a dataset described by a ``data`` config."""
+    """Read, group, deduplicate, rasterise and split a dataset described by a ``data`` config.
+
+    ``cache_dir`` holds rasterised masks, converted files and image hashes
+    (``<cache_dir>/duplicates``: with ``data.duplicates`` group/drop a second run hashes nothing).
+    """
     class_map = make_class_map(data_cfg)
+    dup_settings = duplicate_settings(data_cfg)  # a bad value fails before any reading
     name = str(_get(data_cfg, "name", _get(data_cfg, "reader", "data")))
     on_error = _get(data_cfg, "on_error", "raise")
     manifest = _get(data_cfg, "manifest")
@@ -123,19 +151,24 @@ def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) ->
         records = reader.read()
         skipped = reader.skipped
     apply_group_regex(records, _get(data_cfg, "group_regex"))
+    split_kw = split_options(data_cfg)
+    dups = None
+    if dup_settings.mode != "keep":
+        dups = resolve_duplicates(
+            records, dup_settings, fixed_splits=split_kw["use_existing"] and any(r.split for r in records),
+            cache_dir=str(Path(cache_dir) / "duplicates") if cache_dir else None, on_error=on_error,
+            skipped=skipped, assign=(lambda recs: assign_splits(recs, **split_kw)) if assign else None, name=name)
+        records = dups.records
     mark_healthy_known_empty(records)
     if any(r.polygons and not r.mask for r in records):
         from .masks import materialise_masks
         materialise_masks(records, Path(cache_dir or Path(root).parent / ".btmtl_cache") / name / "masks")
     if assign:
-        split_cfg = _plain(_get(data_cfg, "split")) or {}
-        assign_splits(records,
-                      val_fraction=float(split_cfg.get("val_fraction", 0.15)),
-                      test_fraction=float(split_cfg.get("test_fraction", 0.15)),
-                      seed=int(split_cfg.get("seed", _get(data_cfg, "seed", 42) or 42)),
-                      use_existing=bool(split_cfg.get("use_existing", True)),
-                      carve_test=split_cfg.get("carve_test"))
-    bundle = DataBundle(name=name, records=records, class_map=class_map, skipped=skipped, root=str(root))
+        assign_splits(records, **split_kw)
+        if dups is not None:
+            dups.finish()
+    bundle = DataBundle(name=name, records=records, class_map=class_map, skipped=skipped, root=str(root),
+                        duplicates=dups.summary if dups is not None else None)
     if len(skipped):
         log.warning("%s: skipped %d files (%s)", name, len(skipped), skipped.summary(3)["by_reason"])
     return bundle

@@ -25,52 +25,15 @@ import pytest
 
 from src.curate import (KINDS, Edges, Policy, Settings, UnionFind, apply_policy, curate_records, hamming_cross,
                         hamming_pairs, hash_file)
-from src.curate.hashing import canonical_array
 from src.data.dataset import load_data
 from src.data.records import DataError, Record, load_manifest
 from tests.conftest import need_dataset
+from tests.data.fixtures_images import decoded, save, slice_image
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- constructed images ------------------------------------------------------------------
-def slice_image(seed: int, size: int = 64, rgb: bool = False) -> np.ndarray:
-    """A smooth, left-right asymmetric MRI-like slice: blobs inside an off-centre ellipse."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    cx, cy = 0.45 + 0.1 * rng.random(), 0.5
-    head = (((xx - cx) / 0.38) ** 2 + ((yy - cy) / 0.45) ** 2) < 1
-    img = np.zeros((size, size))
-    for _ in range(6):
-        bx, by, s, a = rng.random(), rng.random(), 0.05 + 0.15 * rng.random(), rng.random()
-        img += a * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * s ** 2))
-    img = 40 + 180 * img / img.max() * head + 30 * (xx > 0.6) * head  # brighter right side: not symmetric
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    if rgb:
-        img = np.stack([img, np.clip(img.astype(int) + 20, 0, 255).astype(np.uint8), img], -1)
-    return img
-
-
-def save(path: Path, arr: np.ndarray, quality: int = 92) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(arr)
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        im.save(path, quality=quality)
-    else:
-        im.save(path)
-    return path
-
-
-def decoded(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return canonical_array(im)
-
-
 def build_dataset(root: Path) -> dict:
     """Training/Testing folder dataset with the planted copies; returns the planted paths."""
     tr, te = root / "Training", root / "Testing"

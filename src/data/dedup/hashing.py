@@ -26,6 +26,7 @@ left-right mirrored copy can be matched; without it a mirrored copy is *not* a d
 :func:`hash_files` hashes many files in a thread pool (decoding, resizing and BLAKE2b
 release the GIL), streaming: at most a few chunks are in flight, results come back in
 input order, progress on stderr (tqdm when installed, else a counter every 10%).
+:func:`src.data.dedup.cache.hash_files_cached` keeps the hashes on disk per file.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..data.records import DataError
+from ..records import DataError
 
 
 @dataclass
@@ -181,7 +182,7 @@ def parallel_imap(fn: Callable, items: Sequence, workers: int, chunk: int = 32,
         return
     window: deque = deque()
     it = iter(chunks)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="curate-hash") as ex:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dedup-hash") as ex:
         for c in it:
             window.append((len(c), ex.submit(run, c)))
             if len(window) >= 3 * workers:
