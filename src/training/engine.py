@@ -273,7 +273,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from .multitask import load_checkpoint
     from .optim import EMAValidation, make_optimizer, schedule_of, uses_ema
     from .plots import plot_history
-    from .precision import resolve_jit, set_precision
+    from .precision import CPU_BF16_MIN_PARAMS, auto_depends_on_size, resolve_jit, set_precision
     from .strategy import describe_strategy, get_strategy
 
     run_dir = Path(run_dir)
@@ -298,7 +298,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     keras.utils.set_random_seed(int(cfg.seed))
     tune_graph_optimizer()  # CPU: skip grappler passes that only cost start-up time there
-    policy = set_precision(trainer.get("precision", "auto"))
+    precision = trainer.get("precision", "auto")
+    sized = auto_depends_on_size(precision)  # decided once the network's size is known (below)
+    policy = set_precision("float32" if sized else precision)
     jit = resolve_jit(trainer.get("jit_compile", "auto"))
     strategy = get_strategy(trainer.get("strategy", "auto"))
     log.info("precision=%s jit_compile=%s strategy=%s", policy, jit, describe_strategy(strategy))
@@ -328,6 +330,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         model_cfg = drop_unlearnable_heads(model_cfg, train_recs)
     with strategy.scope():
         probe = build_model(model_cfg, bundle.class_map, data_cfg["image_size"], train_records=train_recs)
+    if sized:
+        n_params = int(probe.network.count_params())
+        policy = set_precision("auto", n_params)
+        msg = (f"precision auto: {policy} ({n_params:,} parameters; bfloat16 on this CPU from "
+               f"{CPU_BF16_MIN_PARAMS:,})")
+        log.info(msg)
+        if policy != "float32":
+            with strategy.scope():
+                probe = build_model(model_cfg, bundle.class_map, data_cfg["image_size"], train_records=train_recs)
+        info["precision"] = policy
+        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     heads = list(probe.network.output)
     # a capped epoch (steps_per_epoch) walks a repeated stream instead of running dry
     train_ds = build_dataset(train_recs, bundle.class_map, {**data_cfg, "repeat": bool(trainer.get("steps_per_epoch"))},
