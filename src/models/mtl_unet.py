@@ -36,7 +36,7 @@ from keras import layers, ops
 
 from .registry import register_model
 
-PRESETS = {"cpu": (8, 16, 32, 64, 128), "published": (64, 128, 256, 512, 1024)}
+PRESETS = {"cpu": (8, 16, 32, 64, 128), "mid": (16, 32, 64, 128, 256), "published": (64, 128, 256, 512, 1024)}
 NO_TUMOR = "no_tumor"
 
 
@@ -49,6 +49,21 @@ class SqueezeLast(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1])
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class AlwaysTumour(layers.Layer):
+    """``[B, ...] -> [B]`` ones: p(tumour) = 1 when the model has no tumour head."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, x):
+        return ops.ones((ops.shape(x)[0],), "float32")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],)
 
 
 @keras.saving.register_keras_serializable(package="btmtl")
@@ -154,10 +169,14 @@ def mtl_unet(num_classes: int = 4, image_size=128, class_names: Optional[Sequenc
         latent = layers.Dropout(dropout, name="latent_dropout")(latent)
     outputs = {}
     want_cls = any(h in heads for h in ("tumor", "subtype", "class"))
-    if want_cls:
+    if want_cls and "tumor" not in heads:
+        # no tumour head (data without healthy slices): every slice has a tumour, p = 1
+        p_tumor = AlwaysTumour(name="tumor_always")(latent)
+    elif want_cls:
         t = layers.Dense(1, name="tumor_logit")(latent)
         t = layers.Activation("sigmoid", dtype="float32", name="tumor_prob")(t)
         p_tumor = SqueezeLast(dtype="float32", name="tumor")(t)
+    if want_cls:
         if "tumor" in heads or "class" in heads:
             outputs["tumor"] = p_tumor
         if n_sub and ("subtype" in heads or "class" in heads):

@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.records import NO_TUMOR
+
 log = logging.getLogger(__name__)
 
 RUN_INFO = "run_info.json"
@@ -113,12 +115,24 @@ _KNOWN_FLAG = {"class": "label", "multilabel": "label", "tumor": "label", "subty
                "boxes": "boxes", "mask": "mask", "recon": "always", "reconstruction": "always"}
 
 
+def tumour_values(records) -> set:
+    """The tumour-vs-healthy answers the records know (``{True}``, ``{False}``, both, none)."""
+    out = set()
+    for r in records:
+        if r.known.get("label") and r.label is not None:
+            out.add(r.label != NO_TUMOR)
+        elif r.known.get("boxes") and len(r.boxes):
+            out.add(True)
+    return out
+
+
 def drop_unlearnable_heads(model_cfg: dict, train_records) -> dict:
     """Remove from ``model_cfg["heads"]`` the heads whose target no training record has.
 
     E.g. a segmentation head on a dataset without tumour masks would only ever see
     unknown or known-empty (healthy) masks: it is dropped with a warning instead of
-    learning to predict nothing.
+    learning to predict nothing. A tumour-vs-healthy head on data with one answer only
+    (figshare has no healthy slices) is dropped too.
     """
     from .multitask import target_key
 
@@ -135,11 +149,18 @@ def drop_unlearnable_heads(model_cfg: dict, train_records) -> dict:
     keep = []
     for h in heads:
         flag = _KNOWN_FLAG.get(target_key(h), "always")
-        if flag == "always" or any(positive(r, flag) for r in train_records):
-            keep.append(h)
+        if flag != "always" and not any(positive(r, flag) for r in train_records):
+            why = f"no training record has a known {flag} target"
+        elif target_key(h) == "tumor" and len(tumour_values(train_records)) == 1:
+            # one answer for every slice (figshare: all tumours) teaches nothing, and under
+            # EMA balancing its vanishing loss would be scaled up without end
+            only = "a tumour" if tumour_values(train_records) == {True} else "no tumour"
+            why = f"every training slice has {only}: nothing to tell apart"
         else:
-            log.warning("head %r dropped: no training record has a known %s target", h, flag)
-            print(f"warning: head {h!r} dropped: no training record has a known {flag} target")
+            keep.append(h)
+            continue
+        log.warning("head %r dropped: %s", h, why)
+        print(f"warning: head {h!r} dropped: {why}")
     if not keep:
         raise ValueError(f"none of the heads {list(heads)} has a known target in the training data")
     return {**model_cfg, "heads": keep}

@@ -134,3 +134,26 @@ def test_engine_trains_unet_and_ema_survives_resume(phantom_root, tmp_path):
     last = load_checkpoint(run_dir / "phase3" / "checkpoints" / "last.keras")
     assert float(last.balancer.ema_steps.numpy()) == 4.0
     assert np.all(last.balancer.ema.numpy() > 0)
+
+
+def test_without_a_tumour_head_every_slice_is_a_tumour():
+    """Data without healthy slices drops the tumour head; the 4-class output then puts all
+    the probability on the subtypes (p(no_tumor) = 0)."""
+    net = create_model("mtl_unet", num_classes=4, image_size=32, widths=(4, 4, 8, 8, 8), heads=("subtype", "mask"))
+    assert "tumor" not in net.output and "tumor_logit" not in {l.name for l in net.layers}
+    x = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    out = net(x, training=False)
+    cls = keras.ops.convert_to_numpy(out["class"])
+    np.testing.assert_allclose(cls[:, 3], 0.0)                   # no_tumor is the last class
+    np.testing.assert_allclose(cls[:, :3], keras.ops.convert_to_numpy(out["subtype"]), rtol=1e-6)
+
+
+def test_one_answer_tumour_head_is_dropped():
+    from src.data.records import Record
+    from src.training.engine import drop_unlearnable_heads
+
+    tumours = [Record(image=f"{i}.png", label="glioma", known={"label": True}) for i in range(3)]
+    cfg = drop_unlearnable_heads({"heads": ["tumor", "subtype"]}, tumours)
+    assert cfg["heads"] == ["subtype"]
+    mixed = tumours + [Record(image="h.png", label="no_tumor", known={"label": True})]
+    assert drop_unlearnable_heads({"heads": ["tumor", "subtype"]}, mixed)["heads"] == ["tumor", "subtype"]
