@@ -68,6 +68,10 @@ class SkipLog:
         }
 
 
+#: options every reader accepts
+COMMON_OPTIONS = ("source", "workers")
+
+
 class Reader:
     """Base class: a reader turns a dataset on disk into :class:`Record` objects.
 
@@ -110,6 +114,23 @@ class Reader:
                             + (f" ({len(self.skipped)} skipped: {self.skipped.summary(3)})" if len(self.skipped) else ""))
         return records
 
+    def check_options(self, allowed) -> None:
+        """Raise :class:`DataError` for an option the reader does not know (no silent typos)."""
+        allowed = set(COMMON_OPTIONS) | set(allowed)
+        unknown = sorted(set(self.options) - allowed)
+        if unknown:
+            raise DataError(f"reader {self.name!r} (data.root {self.root}) got unknown option(s) "
+                            f"{unknown}; it accepts {sorted(allowed)}")
+
+    def unannotated_mode(self) -> str:
+        """The ``unannotated`` option: ``unknown`` (images without annotation are unlabelled,
+        the default) or ``negative`` (they are healthy slices), checked."""
+        mode = self.options.get("unannotated", "unknown")
+        if mode not in ("unknown", "negative"):
+            raise DataError(f"reader {self.name!r}: unannotated={mode!r}; use 'unknown' (images without "
+                            "annotation are unlabelled, the default) or 'negative' (they are healthy slices)")
+        return mode
+
     def fail(self, path, message: str) -> None:
         """Raise a :class:`DataError` or record a skip, depending on ``on_error``."""
         msg = message if str(path) in message else f"{path}: {message}"
@@ -125,6 +146,54 @@ class Reader:
         except DataError as e:
             self.fail(path, str(e))
             return None
+
+
+class AnnotationFileReader(Reader):
+    """A reader whose annotations are one file per split folder (``<root>/<split>/<file>``)
+    or one file in the root itself (COCO JSON, Roboflow CSV).
+
+    Subclasses set :attr:`annotation_file` and implement :meth:`_read_file` (one file's
+    records); :meth:`after_read` may report on the whole read.
+    """
+
+    #: default file name (``annotation_file`` option overrides it)
+    ANNOTATION_FILE = ""
+
+    def __init__(self, root, class_map=None, on_error="raise", **options):
+        super().__init__(root, class_map=class_map, on_error=on_error, **options)
+        self.check_options(getattr(self, "OPTIONS", ()))
+        self.source = self.options.get("source", self.name)
+        self.annotation_file = str(self.options.get("annotation_file", self.ANNOTATION_FILE))
+        self.unannotated = self.unannotated_mode()
+
+    def annotation_files(self) -> list[tuple[Optional[str], Path]]:
+        """``[(split or None, path)]``: the root's own file, else one per split folder."""
+        direct = self.root / self.annotation_file
+        if direct.is_file():
+            return [(canonical_split(self.root.name), direct)]
+        found = [(canonical_split(d.name), d / self.annotation_file)
+                 for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+                 if (d / self.annotation_file).is_file()]
+        if not found:
+            raise DataError(f"{self.root}: no {self.annotation_file} found, neither in the folder nor in "
+                            f"split folders (<root>/<split>/{self.annotation_file})")
+        return found
+
+    def read_records(self) -> list[Record]:
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: reader {self.name!r} needs a folder")
+        records: list[Record] = []
+        for split, ann in self.annotation_files():
+            records.extend(self._read_file(ann, split))
+        self.after_read()
+        records.sort(key=lambda r: r.image)
+        return records
+
+    def _read_file(self, ann: Path, split: Optional[str]) -> list[Record]:
+        raise NotImplementedError
+
+    def after_read(self) -> None:
+        """Called once after every file was read (e.g. to log what was dropped)."""
 
 
 def probe_image(path: str | Path) -> tuple[int, int]:

@@ -52,9 +52,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..base import Reader, canonical_split, register_reader
+from ..base import AnnotationFileReader, Reader, register_reader
 from ..records import NO_TUMOR, DataError, Record
-from .folder import check_options, probe_many
+from .folder import probe_many
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,6 @@ def unannotated_record(image: Path, size: tuple[int, int], mode: str, **fields) 
                   width=size[0], height=size[1], **fields)
 
 
-def check_unannotated(reader: Reader) -> str:
-    mode = reader.options.get("unannotated", "unknown")
-    if mode not in ("unknown", "negative"):
-        raise DataError(f"reader {reader.name!r}: unannotated={mode!r}; use 'unknown' (images without "
-                        "annotation are unlabelled, the default) or 'negative' (they are healthy slices)")
-    return mode
-
-
 def canonical_class(reader: Reader, name: str, where: str) -> Optional[str]:
     """Map a dataset class name; an unknown name fails naming ``where`` (None after a skip)."""
     try:
@@ -220,47 +212,23 @@ def _placeholder_ids(categories: list[dict]) -> set:
 
 
 @register_reader("coco")
-class CocoReader(Reader):
+class CocoReader(AnnotationFileReader):
     """Roboflow COCO export: boxes, polygons/RLE masks, unlabelled images kept as unknown."""
 
     OPTIONS = ("unannotated", "cache_dir", "annotation_file")
 
+    ANNOTATION_FILE = ANNOTATION_FILE
+
     def __init__(self, root, class_map=None, on_error="raise", **options):
         super().__init__(root, class_map=class_map, on_error=on_error, **options)
-        check_options(self, self.OPTIONS)
-        self.unannotated = check_unannotated(self)
-        self.source = self.options.get("source", self.name)
-        self.annotation_file = str(self.options.get("annotation_file", ANNOTATION_FILE))
         cache = self.options.get("cache_dir")
         self.cache_dir = Path(cache).expanduser() if cache else self.root / ".btmtl_cache" / "masks"
         self.dropped: list[str] = []  # annotations dropped (placeholder category)
 
-    # layout ---------------------------------------------------------------------------
-    def annotation_files(self) -> list[tuple[Optional[str], Path]]:
-        direct = self.root / self.annotation_file
-        if direct.is_file():
-            return [(canonical_split(self.root.name), direct)]
-        found = []
-        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            f = d / self.annotation_file
-            if f.is_file():
-                found.append((canonical_split(d.name), f))
-        if not found:
-            raise DataError(f"{self.root}: no {self.annotation_file} found, neither in the folder nor in "
-                            "split folders (<root>/<split>/" + self.annotation_file + ")")
-        return found
-
-    def read_records(self) -> list[Record]:
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: reader 'coco' needs a folder")
-        records: list[Record] = []
-        for split, ann in self.annotation_files():
-            records.extend(self._read_file(ann, split))
+    def after_read(self) -> None:
         if self.dropped:
             log.warning("coco reader: dropped %d annotation(s) of Roboflow's placeholder category under %s",
                         len(self.dropped), self.root)
-        records.sort(key=lambda r: r.image)
-        return records
 
     # one json ---------------------------------------------------------------------------
     def _read_file(self, ann: Path, split: Optional[str]) -> list[Record]:

@@ -39,17 +39,12 @@ from ..records import DataError, Record
 
 log = logging.getLogger(__name__)
 
-COMMON_OPTIONS = ("source", "workers")
 
 
 # ---- helpers shared by the readers of this package -------------------------------------
 def check_options(reader: Reader, allowed: Iterable[str]) -> None:
     """Raise :class:`DataError` for an option the reader does not know (no silent typos)."""
-    allowed = set(COMMON_OPTIONS) | set(allowed)
-    unknown = sorted(set(reader.options) - allowed)
-    if unknown:
-        raise DataError(f"reader {reader.name!r} (data.root {reader.root}) got unknown option(s) "
-                        f"{unknown}; it accepts {sorted(allowed)}")
+    reader.check_options(allowed)
 
 
 def _probe_one(path: Path):

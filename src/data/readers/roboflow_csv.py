@@ -31,48 +31,22 @@ from typing import Optional
 
 import numpy as np
 
-from ..base import Reader, canonical_split, list_images, register_reader
-from ..records import NO_TUMOR, DataError, Record
-from .coco import canonical_class, check_unannotated, label_from_boxes, pixel_box, unannotated_record
-from .folder import check_options, probe_many
+from ..base import AnnotationFileReader, list_images, register_reader
+from ..records import NO_TUMOR, Record
+from .coco import canonical_class, label_from_boxes, pixel_box, unannotated_record
+from .folder import probe_many
 
 ANNOTATION_FILE = "_annotations.csv"
 COLUMNS = ("filename", "width", "height", "class", "xmin", "ymin", "xmax", "ymax")
 
 
 @register_reader("roboflow_csv")
-class RoboflowCsvReader(Reader):
+class RoboflowCsvReader(AnnotationFileReader):
     """Boxes from Roboflow's TensorFlow CSV export; images without rows stay unlabelled."""
 
     OPTIONS = ("unannotated", "annotation_file")
 
-    def __init__(self, root, class_map=None, on_error="raise", **options):
-        super().__init__(root, class_map=class_map, on_error=on_error, **options)
-        check_options(self, self.OPTIONS)
-        self.unannotated = check_unannotated(self)
-        self.source = self.options.get("source", self.name)
-        self.annotation_file = str(self.options.get("annotation_file", ANNOTATION_FILE))
-
-    def annotation_files(self) -> list[tuple[Optional[str], Path]]:
-        direct = self.root / self.annotation_file
-        if direct.is_file():
-            return [(canonical_split(self.root.name), direct)]
-        found = [(canonical_split(d.name), d / self.annotation_file)
-                 for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-                 if (d / self.annotation_file).is_file()]
-        if not found:
-            raise DataError(f"{self.root}: no {self.annotation_file} found, neither in the folder nor in "
-                            f"split folders (<root>/<split>/{self.annotation_file})")
-        return found
-
-    def read_records(self) -> list[Record]:
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: reader 'roboflow_csv' needs a folder")
-        records: list[Record] = []
-        for split, ann in self.annotation_files():
-            records.extend(self._read_file(ann, split))
-        records.sort(key=lambda r: r.image)
-        return records
+    ANNOTATION_FILE = ANNOTATION_FILE
 
     def _rows(self, ann: Path) -> Optional[dict]:
         """``{image file name: [(line, row dict)]}``, or None after a failure."""

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..base import Reader, canonical_split, list_images, register_reader
 from ..records import NO_TUMOR, DataError, Record
-from .coco import (canonical_class, check_unannotated, label_from_boxes, normalised_box,
+from .coco import (canonical_class, label_from_boxes, normalised_box,
                    normalised_polygon, unannotated_record)
 from .folder import check_options, parallel_map, probe_many
 
@@ -80,7 +80,7 @@ class YoloReader(Reader):
     def __init__(self, root, class_map=None, on_error="raise", **options):
         super().__init__(root, class_map=class_map, on_error=on_error, **options)
         check_options(self, self.OPTIONS)
-        self.unannotated = check_unannotated(self)
+        self.unannotated = self.unannotated_mode()
         self.source = self.options.get("source", self.name)
         self.names: dict[int, str] = {}      # class id -> canonical name
         self.raw_names: dict[int, str] = {}  # class id -> name as the dataset spells it
