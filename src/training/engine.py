@@ -375,18 +375,29 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     init_ckpt: Optional[Path] = None
     first = phases[0]
     prev = previous_phase(first, table)
-    if prev is not None and str(cfg.phase).lower() != "all":
+    init_from = str(trainer.get("init_from") or "previous")
+    if init_from not in ("previous", "scratch"):
+        init_ckpt = Path(init_from).expanduser()
+        if not init_ckpt.is_file():
+            raise FileNotFoundError(f"trainer.init_from={init_from}: no such checkpoint file")
+        msg = f"phase {first}: starting from {init_ckpt} (trainer.init_from)"
+    elif init_from == "scratch" or prev is None or str(cfg.phase).lower() == "all":
+        msg = f"phase {first}: starting from the initial weights" + (" (trainer.init_from=scratch)"
+                                                                    if init_from == "scratch" and prev else "")
+    else:
         init_ckpt = find_phase_checkpoint(output_root, model_name, data_name, prev, exclude=run_dir)
         if init_ckpt is not None:
             msg = f"phase {first}: starting from the phase-{prev} checkpoint {init_ckpt}"
-            log.info(msg)
         else:
             msg = (f"phase {first}: no phase-{prev} checkpoint of model={model_name} data={data_name} under "
-                   f"{output_root}; starting from the initial weights (run phase={prev} or phase=all first)")
+                   f"{output_root}; starting from the initial weights (run phase={prev} or phase=all first, "
+                   f"or set trainer.init_from=scratch to mean it)")
             log.warning(msg)
+    log.info(msg)
+    if prev is not None or init_ckpt is not None:
         print(msg)
-        info["initial_checkpoint"] = str(init_ckpt) if init_ckpt else None
-        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    info["initial_checkpoint"] = str(init_ckpt) if init_ckpt else None
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
 
     budgets = phase_budgets(parse_duration(trainer.get("max_time")), phases, table, int(trainer["max_epochs"]))
     if any(budgets.values()):

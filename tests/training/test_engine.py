@@ -114,3 +114,16 @@ def test_heads_without_any_positive_target_are_dropped(capsys):
     assert drop_unlearnable_heads(cfg, [healthy, with_mask])["heads"] == cfg["heads"]
     with pytest.raises(ValueError, match="none of the heads"):
         drop_unlearnable_heads({"heads": ["boxes"]}, [healthy, tumour])
+
+
+def test_init_from_scratch_or_a_named_checkpoint(phantom_root, tmp_path, capsys):
+    _, r1 = run(cfg_for(phantom_root, tmp_path, "phase=1"), tmp_path, "p1")
+    # a phase-1 checkpoint exists, but the run asks for the initial weights
+    _, r2 = run(cfg_for(phantom_root, tmp_path, "phase=2", "trainer.init_from=scratch"), tmp_path, "p2")
+    assert json.loads((r2 / "run_info.json").read_text())["initial_checkpoint"] is None
+    assert "trainer.init_from=scratch" in capsys.readouterr().out
+    ck = r1 / "phase1" / "checkpoints" / "best.keras"
+    _, r3 = run(cfg_for(phantom_root, tmp_path, "phase=3", f"trainer.init_from={ck}"), tmp_path, "p3")
+    assert json.loads((r3 / "run_info.json").read_text())["initial_checkpoint"] == str(ck)
+    with pytest.raises(FileNotFoundError, match="trainer.init_from"):
+        run(cfg_for(phantom_root, tmp_path, "phase=3", f"trainer.init_from={tmp_path / 'nope.keras'}"), tmp_path, "p4")
