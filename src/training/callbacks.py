@@ -152,6 +152,24 @@ def _current_value(logs: Optional[Mapping], monitor: str, owner, warned: set):
     return value
 
 
+def finite_loss(logs: Optional[Mapping]) -> bool:
+    """Every loss in ``logs`` (``loss``, ``<head>_loss``) is a finite number (or absent)."""
+    for k, v in (logs or {}).items():
+        if (k == "loss" or k.endswith("_loss")) and not k.startswith("val_") and _finite_or_none(v) is None:
+            return False
+    return True
+
+
+def nonfinite_weights(model) -> list:
+    """Paths of the model's variables holding NaN or infinity (bounded losses, e.g. an IoU
+    of saturated boxes, can stay finite while the weights under them blow up)."""
+    import numpy as np
+
+    return [v.path for v in model.weights
+            if v.dtype in ("float16", "bfloat16", "float32", "float64")
+            and not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+
+
 # --------------------------------------------------------------------------- checkpoints
 class BestAndLastCheckpoint(keras.callbacks.Callback):
     """Save ``last.keras`` every epoch and ``best.keras`` when ``monitor`` improves.
@@ -187,6 +205,10 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         self._warned: set = set()
 
     def on_epoch_end(self, epoch, logs=None):
+        if not finite_loss(logs) or nonfinite_weights(self.model):
+            log.warning("epoch %d: the loss or the weights are not finite; no checkpoint written (the last good "
+                        "ones stay)", epoch + 1)
+            return
         if self.save_last:
             atomic_save_model(self.model, self.last_path)
         value = _current_value(logs, self.monitor, self, self._warned)
@@ -270,6 +292,8 @@ class EpochStateCheckpoint(keras.callbacks.Callback):
         }
 
     def on_epoch_end(self, epoch, logs=None):
+        if not finite_loss(logs) or nonfinite_weights(self.model):  # not a done epoch: resume repeats it
+            return
         if self.checkpoint is None:
             value = _current_value(logs, self.monitor, self, self._warned)
             if is_improvement(value, self.best, self.mode, self.min_delta):
@@ -308,6 +332,48 @@ class LogBalancerState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs.update(self.values())
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stop a phase at the first training step whose loss is NaN or infinite.
+
+    Records ``epoch`` (1-based), ``step`` (1-based within the epoch) and ``heads`` (the
+    heads whose running loss is no longer finite, or ``["total"]``) in :attr:`diverged`.
+    The checkpoint callbacks write nothing for that epoch, so ``last.keras`` and
+    ``state.json`` keep the last good epoch and ``trainer.resume=true`` continues from it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.diverged: Optional[dict] = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.diverged is not None or finite_loss(logs):
+            return
+        heads = sorted(k[:-5] for k, v in (logs or {}).items()
+                       if k.endswith("_loss") and _finite_or_none(v) is None)
+        self.diverged = {"epoch": self._epoch + 1, "step": int(batch) + 1, "heads": heads or ["total"],
+                         "loss": {k: (None if _finite_or_none(v) is None else float(v))
+                                  for k, v in (logs or {}).items() if k == "loss" or k.endswith("_loss")}}
+        self.model.stop_training = True
+        log.error("training diverged at epoch %d, step %d: loss of %s is not finite", self.diverged["epoch"],
+                  self.diverged["step"], ", ".join(self.diverged["heads"]))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged is not None:
+            return
+        bad = nonfinite_weights(self.model)
+        if bad:
+            layers = sorted({p.split("/")[0] for p in bad})
+            self.diverged = {"epoch": epoch + 1, "step": None, "heads": [f"weights of {', '.join(layers[:4])}"
+                                                                         + (" ..." if len(layers) > 4 else "")],
+                             "loss": {}}
+            self.model.stop_training = True
+            log.error("training diverged in epoch %d: NaN/inf in the weights of %s", epoch + 1, ", ".join(layers))
 
 
 class LogLearningRate(keras.callbacks.Callback):
@@ -425,6 +491,6 @@ def make_callbacks(run_dir, monitor: str = "val_loss", mode: str = "auto", phase
 
 
 __all__ = ["BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "LogLearningRate", "StepTimer",
-           "TimeLimit",
+           "StopOnDivergence", "TimeLimit", "finite_loss",
            "load_epoch_state", "make_callbacks", "atomic_write_json", "atomic_write_text",
            "atomic_save_model", "resolve_mode", "is_improvement"]

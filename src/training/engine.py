@@ -34,6 +34,24 @@ log = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"
 
 
+class TrainingDiverged(ValueError):
+    """A loss became NaN or infinite: the phase stopped, the last good checkpoints stay."""
+
+    def __init__(self, phase: str, info: dict, ckdir: Path, lr: float):
+        self.phase, self.info = phase, info
+        kept = [p.name for p in (ckdir / "best.keras", ckdir / "last.keras") if p.is_file()]
+        heads = ", ".join(info["heads"])
+        where = f"epoch {info['epoch']}, step {info['step']}" if info.get("step") else f"epoch {info['epoch']}"
+        what = f"the loss of {heads} became NaN or infinite" if info.get("step") else f"NaN or infinity in the {heads}"
+        msg = f"phase {phase} diverged at {where}: {what} (learning rate {lr:g}). "
+        if kept:
+            msg += (f"Kept {' and '.join(kept)} of the last good epoch in {ckdir}; continue from it with a lower rate: "
+                    f"python -m src.train <same overrides> trainer.resume=true trainer.learning_rate={lr / 10:g}")
+        else:
+            msg += f"Nothing was saved (it diverged in the first epoch): start again with trainer.learning_rate={lr / 10:g}"
+        super().__init__(msg)
+
+
 # ---------------------------------------------------------------------------------------
 # phases
 # ---------------------------------------------------------------------------------------
@@ -272,6 +290,14 @@ def apply_unfreeze(model, model_cfg: dict, spec) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------
+def phase_learning_rate(trainer: dict, pcfg: dict) -> float:
+    """``trainer.learning_rate`` when set (a command-line override wins), else the phase's
+    own ``learning_rate``, else 1e-3."""
+    if trainer.get("learning_rate") is not None:
+        return float(trainer["learning_rate"])
+    return float(pcfg.get("learning_rate") or 1e-3)
+
+
 def _steps(n_records: int, batch_size: int, cap) -> int:
     n = max(1, int(np.ceil(n_records / batch_size)))
     return min(n, int(cap)) if cap else n
@@ -290,9 +316,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from ..tracking import Tracker, flatten_config
     from .budget import TimeBudget, fmt_seconds, load_budget_state, parse_duration, phase_budgets
     from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
-                            StepTimer, load_epoch_state)
+                            StepTimer, StopOnDivergence, load_epoch_state)
     from .multitask import load_checkpoint
-    from .optim import EMAValidation, make_optimizer, schedule_of, uses_ema
+    from .optim import EMAValidation, make_optimizer, schedule_of, set_peak_learning_rate, uses_ema
     from .plots import plot_history
     from .precision import CPU_BF16_MIN_PARAMS, auto_depends_on_size, resolve_jit, set_precision
     from .strategy import describe_strategy, get_strategy
@@ -421,7 +447,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             budget = budgets.get(phase)
             epochs = min(int(pcfg.get("epochs") or trainer["max_epochs"]), int(trainer["max_epochs"]))
             fit_epochs = int(trainer["max_epochs"]) if budget else epochs
-            lr = float(pcfg.get("learning_rate") or trainer["learning_rate"])
+            lr = phase_learning_rate(trainer, pcfg)
             state = load_epoch_state(pdir / "state.json") if trainer.get("resume") else None
             resume_from = ckdir / "last.keras" if state and (ckdir / "last.keras").is_file() else None
             with strategy.scope():
@@ -429,6 +455,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     model = load_checkpoint(resume_from)
                     log.info("phase %s: resuming from %s at epoch %d", phase, resume_from, state["epoch"])
                     print(f"phase {phase}: resuming from {resume_from} at epoch {state['epoch']}")
+                    if set_peak_learning_rate(model.optimizer, lr):
+                        print(f"phase {phase}: learning rate changed to {lr:g} for the rest of the schedule")
                 elif init_ckpt is not None:
                     model = load_checkpoint(init_ckpt)
                 else:
@@ -460,7 +488,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                   + (", weight EMA" if uses_ema(model.optimizer) else ""))
             initial_epoch = int(state["epoch"]) if resume_from is not None else 0
             timing = StepTimer(batch, since=process_started() if phase == first else phase_start)
+            divergence = StopOnDivergence()
             callbacks = [
+                divergence,
                 timing,
                 *([EMAValidation()] if uses_ema(model.optimizer) else []),
                 *([LogBalancerState()] if model.balancer.mode != "static" else []),
@@ -493,6 +523,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                           steps_per_epoch=steps if trainer.get("steps_per_epoch") else None,
                           validation_steps=val_steps if trainer.get("validation_steps") else None,
                           callbacks=callbacks, verbose=int(trainer.get("verbose", 1)))
+            if divergence.diverged:
+                raise TrainingDiverged(phase, divergence.diverged, ckdir, lr)
             best_path = ckdir / "best.keras" if (ckdir / "best.keras").is_file() else ckdir / "last.keras"
             best = load_checkpoint(best_path)
             best.set_loss_weights(weights_for(pcfg.get("loss_weights"), best.heads, model_cfg.get("loss_weights")) or {})

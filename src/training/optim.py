@@ -211,6 +211,23 @@ def schedule_of(optimizer):
     return lr if isinstance(lr, WarmupCosine) else None
 
 
+def set_peak_learning_rate(optimizer, lr: float) -> bool:
+    """Give a restored optimizer a new peak rate (resuming a diverged run lower); returns
+    whether it changed. Call before the train step is traced."""
+    sched = schedule_of(optimizer)
+    if sched is not None:
+        if abs(sched.peak - float(lr)) <= 1e-12 * max(1.0, abs(lr)):
+            return False
+        sched.peak = float(lr)
+        return True
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    current = float(ops.convert_to_numpy(inner.learning_rate))
+    if abs(current - float(lr)) <= 1e-12 * max(1.0, abs(lr)):
+        return False
+    inner.learning_rate = float(lr)
+    return True
+
+
 def uses_ema(optimizer) -> bool:
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return bool(getattr(inner, "use_ema", False)) and hasattr(inner, "_model_variables_moving_average")
@@ -255,5 +272,5 @@ class EMAValidation(keras.callbacks.Callback):
         self._swap(False)
 
 
-__all__ = ["WarmupCosine", "FusedAdam", "FusedAdamW", "AdamEMA", "AdamWEMA", "SGDEMA", "make_optimizer", "schedule_of", "uses_ema", "swap_ema",
+__all__ = ["WarmupCosine", "FusedAdam", "FusedAdamW", "set_peak_learning_rate", "AdamEMA", "AdamWEMA", "SGDEMA", "make_optimizer", "schedule_of", "uses_ema", "swap_ema",
            "EMAValidation"]

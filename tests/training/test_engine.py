@@ -3,6 +3,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from src.config import compose
@@ -127,3 +128,34 @@ def test_init_from_scratch_or_a_named_checkpoint(phantom_root, tmp_path, capsys)
     assert json.loads((r3 / "run_info.json").read_text())["initial_checkpoint"] == str(ck)
     with pytest.raises(FileNotFoundError, match="trainer.init_from"):
         run(cfg_for(phantom_root, tmp_path, "phase=3", f"trainer.init_from={tmp_path / 'nope.keras'}"), tmp_path, "p4")
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_good_checkpoints(phantom_root, tmp_path):
+    import re
+
+    from src.training.engine import TrainingDiverged
+
+    # a first good epoch
+    _, r = run(cfg_for(phantom_root, tmp_path, "phase=1", "trainer.max_epochs=1"), tmp_path, "good")
+    (r / "phase1" / "metrics.json").unlink()  # the phase is not finished: resume continues it
+    # an absurd learning rate from the next epoch on
+    with pytest.raises(TrainingDiverged) as err:
+        run(cfg_for(phantom_root, tmp_path, "phase=1", "trainer.max_epochs=8", "trainer.resume=true",
+                    f"trainer.resume_dir={r}", "trainer.learning_rate=1e12", "trainer.clip_norm=null"), tmp_path, "x")
+    msg = str(err.value)
+    m = re.search(r"phase 1 diverged at epoch (\d+)(, step \d+: the loss of .+|: NaN or infinity in the weights of .+)",
+                  msg)
+    assert m and "boxes" in m.group(2) and "trainer.resume=true" in msg, msg
+    bad = int(m.group(1))
+    assert bad >= 2
+    # nothing of the diverged epoch was written: state and last.keras hold the epoch before
+    assert json.loads((r / "phase1" / "state.json").read_text())["epoch"] == bad - 1
+    last = load_checkpoint(r / "phase1" / "checkpoints" / "last.keras")
+    assert all(np.all(np.isfinite(w)) for w in last.get_weights())
+    # resumed with a sane rate it finishes, with one history row per epoch
+    run(cfg_for(phantom_root, tmp_path, "phase=1", f"trainer.max_epochs={bad + 1}", "trainer.resume=true",
+                f"trainer.resume_dir={r}", "trainer.learning_rate=1e-3"), tmp_path, "y")
+    rows = list(csv.DictReader((r / "phase1" / "history.csv").open()))
+    epochs = [int(row["epoch"]) for row in rows]
+    assert epochs[-1] == bad and sorted(set(epochs)) == list(range(bad + 1))
+    assert np.isfinite(float(rows[-1]["loss"]))
