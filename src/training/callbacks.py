@@ -142,6 +142,36 @@ def load_epoch_state(path) -> Optional[dict]:
     return state
 
 
+def repair_history(path, state: Optional[Mapping]) -> int:
+    """Make ``history.csv`` agree with a resumed phase's ``state.json`` before appending.
+
+    A kill can land between the callbacks of one epoch end: rows for epochs the
+    checkpoint does not hold are dropped (they will be trained again), and a row the kill
+    kept from being written is restored from the state's copy of that epoch's logs. So the
+    history stays one row per epoch, in order. Returns the number of rows kept.
+    """
+    import csv
+
+    path = Path(path)
+    if state is None or not path.is_file():
+        return 0
+    done = int(state.get("epoch") or 0)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("epoch", "").strip().isdigit() and int(r["epoch"]) < done]
+    have = {int(r["epoch"]) for r in rows}
+    last_logs = state.get("logs") or {}
+    if done - 1 not in have and done > 0 and last_logs:
+        row = {"epoch": str(done - 1), **{k: "" if v is None else repr(float(v)) for k, v in last_logs.items()}}
+        fields = fields or ["epoch", *last_logs]
+        rows.append({k: row.get(k, "") for k in fields})
+    rows.sort(key=lambda r: int(r["epoch"]))
+    text = [",".join(fields)] + [",".join(str(r.get(k, "")) for k in fields) for r in rows]
+    atomic_write_text(path, "\n".join(text) + "\n")
+    return len(rows)
+
+
 def _current_value(logs: Optional[Mapping], monitor: str, owner, warned: set):
     value = (logs or {}).get(monitor)
     if value is None and monitor not in warned:
@@ -491,6 +521,6 @@ def make_callbacks(run_dir, monitor: str = "val_loss", mode: str = "auto", phase
 
 
 __all__ = ["BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "LogLearningRate", "StepTimer",
-           "StopOnDivergence", "TimeLimit", "finite_loss",
+           "StopOnDivergence", "TimeLimit", "finite_loss", "repair_history",
            "load_epoch_state", "make_callbacks", "atomic_write_json", "atomic_write_text",
            "atomic_save_model", "resolve_mode", "is_improvement"]

@@ -316,7 +316,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from ..tracking import Tracker, flatten_config
     from .budget import TimeBudget, fmt_seconds, load_budget_state, parse_duration, phase_budgets
     from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
-                            StepTimer, StopOnDivergence, load_epoch_state)
+                            StepTimer, StopOnDivergence, load_epoch_state, repair_history)
     from .multitask import load_checkpoint
     from .optim import EMAValidation, make_optimizer, schedule_of, set_peak_learning_rate, uses_ema
     from .plots import plot_history
@@ -498,7 +498,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 BestAndLastCheckpoint(ckdir, monitor=monitor, mode=_monitor_mode(monitor),
                                       initial_best=state.get("best") if resume_from is not None else None),
                 EpochStateCheckpoint(pdir / "state.json", monitor=monitor, phase=phase),
-                keras.callbacks.CSVLogger(str(pdir / "history.csv"), append=resume_from is not None),
+                keras.callbacks.CSVLogger(str(pdir / "history.csv"), append=resume_from is not None and
+                                          repair_history(pdir / "history.csv", state) > 0),
                 *tracker.keras_callbacks(prefix=f"phase{phase}/"),
             ]
             if trainer.get("early_stopping_patience") and budget:

@@ -273,3 +273,18 @@ def test_atomic_write_json_leaves_no_temp(tmp_path):
     cbm.atomic_write_json(tmp_path / "a" / "s.json", {"x": 2})
     assert json.loads((tmp_path / "a" / "s.json").read_text()) == {"x": 2}
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["s.json"]
+
+
+def test_repair_history_matches_the_resumed_state(tmp_path):
+    from src.training.callbacks import repair_history
+
+    h = tmp_path / "history.csv"
+    h.write_text("epoch,loss,val_loss\n0,1.0,1.1\n1,0.9,1.0\n")
+    # killed after state.json said 3 epochs, before the CSV row of epoch 2 was written
+    n = repair_history(h, {"epoch": 3, "logs": {"loss": 0.8, "val_loss": 0.95}})
+    rows = list(csv.DictReader(h.open()))
+    assert n == 3 and [r["epoch"] for r in rows] == ["0", "1", "2"] and float(rows[2]["val_loss"]) == 0.95
+    # rows past the checkpoint (epochs that will be trained again) are dropped
+    h.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n3,0.7\n")
+    assert repair_history(h, {"epoch": 2, "logs": {}}) == 2
+    assert [r["epoch"] for r in csv.DictReader(h.open())] == ["0", "1"]
