@@ -10,9 +10,28 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
+def worker_suffix() -> str:
+    """``""`` for a single process or the chief of a multi-worker cluster (``TF_CONFIG``),
+    ``_worker<k>`` for the others: their run folders never collide with the chief's."""
+    import json
+    import os
+
+    try:
+        conf = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except ValueError:
+        return ""
+    task, cluster = conf.get("task") or {}, conf.get("cluster") or {}
+    kind, index = task.get("type"), task.get("index", 0)
+    if not kind or kind == "chief" or (kind == "worker" and index == 0 and not cluster.get("chief")):
+        return ""
+    return f"_{kind}{index}"
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("worker_suffix"):
+        OmegaConf.register_new_resolver("worker_suffix", worker_suffix)
 
 
 _register_resolvers()

@@ -75,13 +75,24 @@ def previous_phase(phase: str, table: dict) -> Optional[str]:
     return names[i - 1] if i > 0 else None
 
 
+def same_role(run: Path) -> bool:
+    """A run folder of this process' role: the chief / a single process never picks up a
+    multi-worker cluster's ``<time>_worker<k>`` folders, and worker ``k`` only its own."""
+    import re
+
+    from ..config import worker_suffix
+
+    suffix = worker_suffix()
+    return run.name.endswith(suffix) if suffix else not re.search(r"_(worker|ps|evaluator)\d+$", run.name)
+
+
 def find_phase_checkpoint(output_root: Path, model_name: str, data_name: str, phase: str,
                           exclude: Optional[Path] = None) -> Optional[Path]:
     """Newest ``best.keras`` of ``phase`` under ``output_root`` for the same model and data."""
     best, best_t = None, -1.0
     for info_path in Path(output_root).rglob(RUN_INFO):
         run = info_path.parent
-        if exclude is not None and run.resolve() == Path(exclude).resolve():
+        if exclude is not None and run.resolve() == Path(exclude).resolve() or not same_role(run):
             continue
         try:
             info = json.loads(info_path.read_text())
@@ -99,7 +110,7 @@ def find_phase_checkpoint(output_root: Path, model_name: str, data_name: str, ph
 def find_resume_run(output_root: Path, model_name: str, data_name: str, exclude: Path) -> Optional[Path]:
     runs = []
     for info_path in Path(output_root).rglob(RUN_INFO):
-        if info_path.parent.resolve() == Path(exclude).resolve():
+        if info_path.parent.resolve() == Path(exclude).resolve() or not same_role(info_path.parent):
             continue
         try:
             info = json.loads(info_path.read_text())
@@ -395,7 +406,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     val_ds = build_dataset(val_recs, bundle.class_map, data_cfg, training=False, heads=heads)
     monitor = trainer.get("monitor", "val_loss")
 
-    tracker = Tracker(cfg.tracking, run_dir)
+    from ..config import worker_suffix
+
+    # in a multi-worker cluster only the chief tracks (the others train in step with it and
+    # write their own <time>_worker<k> folder)
+    tracker = Tracker(cfg.tracking if not worker_suffix() else {"enabled": False}, run_dir)
     run_name = (cfg.tracking.get("run_name") if "tracking" in cfg else None) or f"{model_name}-{data_name}-phase{cfg.phase}"
     all_metrics: dict = {}
     init_ckpt: Optional[Path] = None

@@ -18,6 +18,7 @@ image ``x`` itself (weight 1 for every sample). Auxiliary heads are training-onl
 """
 from __future__ import annotations
 
+import threading
 from typing import Mapping, Optional
 
 import keras
@@ -61,6 +62,23 @@ def _build_loss(spec):
     raise TypeError(f"cannot build a loss from {spec!r}")
 
 
+_TRACING = threading.local()
+
+
+def _batched_logs(logs):
+    """Under a multi-worker strategy Keras reduces each replica's logs with
+    ``strategy.reduce("MEAN", v, axis=0)``, which fails on the scalars a step returns
+    (``Invalid reduction dimension 0 for input with 0 dimensions``): give them a leading
+    axis of 1 there (the mean over replicas is then the same number)."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if not (isinstance(strategy, tf.distribute.experimental.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode()):
+        return logs
+    return {k: ops.reshape(v, (1,)) if len(getattr(v, "shape", ())) == 0 else v for k, v in logs.items()}
+
+
 @keras.saving.register_keras_serializable(package="btmtl")
 class MultiTaskModel(keras.Model):
     """A functional multi-head network + per-head losses + loss balancing.
@@ -100,7 +118,6 @@ class MultiTaskModel(keras.Model):
         #: ``full`` (training batches get every compiled metric), ``light`` (losses and
         #: accuracy only: AUC, F1, IoU and Dice are validation metrics) or ``loss``
         self.train_metrics = "full"
-        self._tracing_train_step = False
 
     @staticmethod
     def output_names_of(network) -> list:
@@ -178,15 +195,40 @@ class MultiTaskModel(keras.Model):
 
     def train_step(self, data):
         # a Python flag, read while the train step is traced (compute_metrics and
-        # get_metrics_result run inside it): the test step is traced without it
-        self._tracing_train_step = True
+        # get_metrics_result run inside it): the test step is traced without it. Thread
+        # local: MirroredStrategy traces its replicas' steps in parallel threads.
+        _TRACING.train = True
         try:
-            return super().train_step(data)
+            return _batched_logs(super().train_step(data))
         finally:
-            self._tracing_train_step = False
+            _TRACING.train = False
+
+    def test_step(self, data):
+        return _batched_logs(super().test_step(data))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds the compiled metrics from the first batch; under a distribution
+        strategy it first *reduces* that batch across replicas, which fails for a
+        ``MultiWorkerMirroredStrategy`` (``Attempt to convert a value (PerReplica...)``).
+        A local replica's part of the batch has the same structure and shapes: use it."""
+        import tensorflow as tf
+
+        strategy = getattr(self, "_distribute_strategy", None)
+        if strategy is None or iterator is None or strategy.num_replicas_in_sync == 1:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        from keras.src import tree
+
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def _light(self) -> bool:
-        return self._tracing_train_step and self.train_metrics != "full"
+        return getattr(_TRACING, "train", False) and self.train_metrics != "full"
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self._light():
