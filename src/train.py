@@ -38,10 +38,12 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run dir: %s", run_dir)
     from .models.backbones import WeightsMismatchError, WeightsUnavailableError
+    from .training.callbacks import CheckpointWriteError
 
     try:
         metrics = run(cfg, run_dir)
-    except (DataError, WeightsUnavailableError, WeightsMismatchError, FileNotFoundError, ValueError) as e:
+    except (DataError, WeightsUnavailableError, WeightsMismatchError, FileNotFoundError, ValueError,
+            CheckpointWriteError, PermissionError) as e:
         # a clear one-paragraph error instead of a stack trace (BTMTL_DEBUG=1 shows it)
         log.debug("traceback", exc_info=True)
         log.error("%s: %s", type(e).__name__, e)
@@ -51,6 +53,25 @@ def main(cfg: DictConfig) -> None:
     print(json.dumps({"run_dir": str(run_dir), "val_metrics": metrics}, indent=2))
 
 
+def check_output_root(argv) -> None:
+    """Stop with one line when ``paths.output_root=`` names a folder that cannot be made or
+    written (Hydra would otherwise fail with a stack trace while creating the run folder)."""
+    import tempfile
+
+    for arg in argv:
+        if arg.startswith(("paths.output_root=", "++paths.output_root=", "+paths.output_root=")):
+            root = Path(arg.split("=", 1)[1]).expanduser()
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=root):
+                    pass
+            except OSError as e:
+                print(f"error: paths.output_root={root} cannot be written ({e.strerror or e}); "
+                      f"choose a folder you can write to", file=sys.stderr)
+                sys.exit(2)
+
+
 if __name__ == "__main__":
     OmegaConf.register_new_resolver("project_root", lambda: str(_config.PROJECT_ROOT), replace=True)
+    check_output_root(sys.argv[1:])
     main()

@@ -82,3 +82,12 @@ def test_offline_imagenet_weights_fail_fast_with_both_alternatives(tiny, tmp_pat
     said = p.stdout + p.stderr  # Hydra's job logging prints to the console (stdout)
     assert "model.weights=null" in said and "model.weights=/path/to/" in said
     assert "Traceback" not in said
+
+
+def test_unwritable_output_root_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = run_module(["src.train", f"paths.output_root={blocker / 'out'}", "trainer.max_epochs=1"], tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert f"error: paths.output_root={blocker / 'out'} cannot be written" in res.stderr

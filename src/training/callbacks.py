@@ -99,15 +99,28 @@ def atomic_write_json(path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, no permission); the previous file stays."""
+
+
 def atomic_save_model(model: keras.Model, path) -> None:
-    """``model.save(path)`` (weights + optimizer state) without ever leaving a partial ``path``."""
+    """``model.save(path)`` (weights + optimizer state) without ever leaving a partial ``path``.
+
+    Raises:
+        CheckpointWriteError: the folder or the disk refused the write (full disk, no
+            permission); one line naming the file, and the previous ``path`` is intact.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Keras wants the .keras suffix; a dot-prefixed name in the same folder keeps os.replace atomic
     tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.keras"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         model.save(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+        why = "the disk is full" if e.errno == 28 else (e.strerror or str(e))
+        raise CheckpointWriteError(e.errno, f"could not write the checkpoint {path}: {why}{kept}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -520,7 +533,7 @@ def make_callbacks(run_dir, monitor: str = "val_loss", mode: str = "auto", phase
     return cbs
 
 
-__all__ = ["BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "LogLearningRate", "StepTimer",
+__all__ = ["CheckpointWriteError", "BestAndLastCheckpoint", "EpochStateCheckpoint", "LogBalancerState", "LogLearningRate", "StepTimer",
            "StopOnDivergence", "TimeLimit", "finite_loss", "repair_history",
            "load_epoch_state", "make_callbacks", "atomic_write_json", "atomic_write_text",
            "atomic_save_model", "resolve_mode", "is_improvement"]

@@ -288,3 +288,27 @@ def test_repair_history_matches_the_resumed_state(tmp_path):
     h.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n3,0.7\n")
     assert repair_history(h, {"epoch": 2, "logs": {}}) == 2
     assert [r["epoch"] for r in csv.DictReader(h.open())] == ["0", "1"]
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    from src.training.callbacks import CheckpointWriteError, atomic_save_model
+
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2)(inp))
+    best = tmp_path / "best.keras"
+    atomic_save_model(model, best)
+    good = best.read_bytes()
+
+    def full_disk(self, filepath, *a, **k):  # the disk fills half-way through Keras' write
+        with open(filepath, "wb") as f:
+            f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint .*best.keras: the disk is full; "
+                                                   r"the previous best.keras is kept"):
+        atomic_save_model(model, best)
+    assert best.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]   # no half-written temporary left
