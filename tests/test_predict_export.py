@@ -242,7 +242,7 @@ def test_predict_cli(run_dir, images, tmp_path, capsys, caplog):
 def test_export_round_trip(run_dir, tmp_path, fmt):
     rep = ex.export(run_dir, fmt, output=tmp_path / fmt, n_samples=3)
     assert rep["passed"] is True, rep["max_abs_diff"]
-    assert set(rep["max_abs_diff"]) == {"class", "boxes"} and rep["dropped_heads"] == ["class_aux1"]
+    assert set(rep["max_abs_diff"]) == {"class", "boxes"} and rep["dropped_heads"] == ["boxes_aux1", "class_aux1"]
     assert all(v <= rep["tolerance"] for v in rep["max_abs_diff"].values())
     on_disk = json.loads((tmp_path / fmt / "export_report.json").read_text())
     assert on_disk["passed"] is True and on_disk["format"] == fmt
