@@ -108,9 +108,9 @@ def inference_rate(run: Path, batch: int = 16, repeats: int = 5) -> float:
     """Images/s of the exported inference network (no aux heads) at ``batch`` on this CPU."""
     code = f"""
 import time, numpy as np, keras
-from src.predict import load_inference_model, resolve_checkpoint
+from src.inference import load_for_inference
 import json
-m = load_inference_model(resolve_checkpoint({str(run)!r}))
+m = load_for_inference({str(run)!r}).network
 shape = tuple(m.input.shape[1:])
 x = np.random.default_rng(0).random(({batch},) + shape, dtype=np.float32)
 f = keras.Model(m.input, m.output)
@@ -163,8 +163,8 @@ def row_from(recipe: str, run: Path, budget: str, load: tuple) -> dict:
 
 
 def _params(run: Path):
-    code = ("from src.predict import load_inference_model, resolve_checkpoint; "
-            f"print(load_inference_model(resolve_checkpoint({str(run)!r})).count_params())")
+    code = ("from src.inference import load_for_inference; "
+            f"print(load_for_inference({str(run)!r}).network.count_params())")
     out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True)
     try:
         return int(out.stdout.strip().splitlines()[-1])

@@ -4,7 +4,9 @@ which is a Hydra app with its own run folder).
 :func:`cli_main` composes the command's config (``conf/<name>.yaml`` + the command-line
 overrides), runs it and prints its JSON summary. Bad input becomes one ``error: ...`` line
 and exit status 2 instead of a stack trace (``BTMTL_DEBUG=1`` re-raises), ``-h``/``--help``
-prints the command's docstring.
+prints the command's docstring. A ``checkpoint=`` that names nothing usable
+(:class:`src.runs.CheckpointError`) and a model or setting inference cannot use
+(:class:`src.inference.InferenceError`) are such errors in every command.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def cli_main(doc: str, config_name: str, run: Callable[[Any, list], dict], argv:
 
     from .config import compose
     from .data.records import DataError
+    from .inference import InferenceError
+    from .runs import CheckpointError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -49,7 +53,8 @@ def cli_main(doc: str, config_name: str, run: Callable[[Any, list], dict], argv:
     from .runtime import quiet_tensorflow
 
     quiet_tensorflow()  # no CUDA-probe noise on a CPU-only machine
-    handled = (UsageError, DataError, FileNotFoundError, HydraException, OmegaConfBaseException, *errors)
+    handled = (UsageError, DataError, FileNotFoundError, CheckpointError, InferenceError, HydraException,
+               OmegaConfBaseException, *errors)
     try:
         try:
             cfg = compose(args, config_name=config_name)

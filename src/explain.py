@@ -13,6 +13,8 @@ of up to ``umap.max_per_split`` images from each of ``umap.splits``, projected w
 writes ``umap.png`` (colour = class, marker = split: train o, test x) and ``umap.csv``
 (path, split, label, x, y).
 
+``checkpoint``: a training run folder, a phase folder, a ``checkpoints`` folder or a
+``.keras`` file (:func:`src.runs.resolve_checkpoint`: the same rules in every command).
 Data: the run's own ``data`` config (from ``config.yaml`` in the checkpoint's run folder)
 unless ``data=...`` / ``data.*`` is given on the command line. Images go through the
 same tf.data pipeline as in training (no augmentation), at the model's input size.
@@ -60,34 +62,34 @@ def _dataset(records, class_map, data_cfg: dict, size, batch_size: int, want_mas
 
 
 def _load(cfg, args: Sequence[str]):
+    """The checkpoint loaded for inference, the data (the run's own unless the command
+    line gives ``data=`` or ``data.*``), class names, input size and output folder."""
     from omegaconf import OmegaConf
 
     from .data.dataset import load_data
-    from .predict import PredictError, class_names_for, input_size, load_inference_model, resolve_checkpoint, \
-        run_metadata
+    from .inference import load_for_inference
+    from .runs import group_chosen, group_overrides
 
-    if not cfg.get("checkpoint"):
-        raise PredictError("checkpoint=PATH is required (a .keras file or a run folder)")
-    ckpt = resolve_checkpoint(cfg.checkpoint)
-    meta = run_metadata(ckpt)
-    model = load_inference_model(ckpt)
+    loaded = load_for_inference(cfg.get("checkpoint"))
+    meta = loaded.run
     data_cfg = cfg.data
-    user_data = any(a.split("=", 1)[0].lstrip("+~") == "data" or a.lstrip("+~").startswith("data.") for a in args)
+    user_data = group_chosen(args, "data") or bool(group_overrides(args, "data"))
     if not user_data and meta.config is not None and meta.config.get("data") is not None:
         data_cfg = meta.config.data
         log.info("data: the run's own config (%s)", meta.run_dir / "config.yaml")
     bundle = load_data(data_cfg, cache_dir=cfg.paths.cache_dir)
-    classes = class_names_for(model, meta) or list(bundle.class_map.classes)
+    classes = loaded.class_names() or list(bundle.class_map.classes)
     plain = OmegaConf.to_container(data_cfg, resolve=True)
-    out = Path(cfg.out) if cfg.get("out") else (meta.run_dir or ckpt.parent) / "explain"
-    return ckpt, meta, model, bundle, classes, plain, input_size(model), out
+    out = Path(cfg.out) if cfg.get("out") else (meta.run_dir or loaded.checkpoint.parent) / "explain"
+    return loaded, bundle, classes, plain, loaded.input_size(), out
 
 
 def run_gradcam(cfg, args) -> dict:
     from .evaluation.gradcam import GradCAM, cam_to_mask, dice, save_overlay
-    from .predict import decide
+    from .inference import decide
 
-    ckpt, meta, model, bundle, classes, data_cfg, size, out = _load(cfg, args)
+    loaded, bundle, classes, data_cfg, size, out = _load(cfg, args)
+    meta = loaded.run
     g = cfg.gradcam
     records = bundle.split(cfg.split)
     if not records:
@@ -96,7 +98,7 @@ def run_gradcam(cfg, args) -> dict:
     picked = _pick(records, int(cfg.n), int(cfg.seed))
     want_mask = any(r.known.get("mask") for r in picked)
     ds = _dataset(picked, bundle.class_map, data_cfg, size, int(cfg.batch_size), want_mask)
-    cam = GradCAM(model, layer=g.get("layer"))
+    cam = GradCAM(loaded.network, layer=g.get("layer"))
     head = g.get("head")
     thr = g.get("threshold", 0.5)
     thr = thr if isinstance(thr, str) else float(thr)
@@ -135,7 +137,7 @@ def run_gradcam(cfg, args) -> dict:
         w.writeheader()
         w.writerows(rows)
     dices = [r["dice"] for r in rows if "dice" in r]
-    summary = {"what": "gradcam", "checkpoint": str(ckpt), "split": cfg.split, "images": len(rows),
+    summary = {"what": "gradcam", "checkpoint": str(loaded.checkpoint), "split": cfg.split, "images": len(rows),
                "head": rows[0]["head"] if rows else head, "layer": rows[0]["layer"] if rows else None,
                "method": g.get("method", "gradcam"), "pseudo_mask_threshold": thr,
                "dice": {"images": len(dices), "mean": float(np.mean(dices)) if dices else None,
@@ -148,7 +150,7 @@ def run_gradcam(cfg, args) -> dict:
 def run_umap(cfg, args) -> dict:
     from .evaluation.embeddings import embedding_projection, extract_embeddings
 
-    ckpt, meta, model, bundle, classes, data_cfg, size, out = _load(cfg, args)
+    loaded, bundle, classes, data_cfg, size, out = _load(cfg, args)
     u = cfg.umap
     rng = np.random.default_rng(int(cfg.seed))
     recs = []
@@ -160,12 +162,12 @@ def run_umap(cfg, args) -> dict:
     if len(recs) < 3:
         raise ValueError(f"need at least 3 images from splits {list(u.splits)}, found {len(recs)}")
     ds = _dataset(recs, bundle.class_map, data_cfg, size, int(cfg.batch_size), False)
-    emb = extract_embeddings(model, ds, layer=u.get("layer"))
+    emb = extract_embeddings(loaded.network, ds, layer=u.get("layer"))
     res = embedding_projection(emb, [r.image for r in recs], [r.split for r in recs],
                                [r.label if r.known.get("label") else None for r in recs], out,
                                method=str(u.get("method", "umap")), n_neighbors=int(u.n_neighbors),
                                min_dist=float(u.min_dist), seed=int(cfg.seed), class_order=classes)
-    summary = {"what": "umap", "checkpoint": str(ckpt), "splits": list(u.splits), "images": len(recs),
+    summary = {"what": "umap", "checkpoint": str(loaded.checkpoint), "splits": list(u.splits), "images": len(recs),
                "embedding_dim": int(emb.shape[1]), "out": str(out), **res}
     return summary
 
@@ -182,7 +184,7 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cli import cli_main
     from .evaluation.gradcam import GradCamError
-    from .predict import PredictError
+    from .runs import CHECKPOINT_REQUIRED
 
     t0 = time.time()
 
@@ -191,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary["seconds"] = round(time.time() - t0, 1)
         return summary
 
-    return cli_main(__doc__, "explain", timed, argv, errors=(GradCamError, PredictError, ValueError))
+    return cli_main(__doc__, "explain", timed, argv, errors=(GradCamError, ValueError),
+                    required=[("checkpoint", CHECKPOINT_REQUIRED)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`python -m src.export checkpoint=PATH format=savedmodel|tflite|onnx [output=DIR]`
 
 Exports the inference model of a checkpoint and checks the export against Keras.
+``checkpoint``: a training run folder, a phase folder, a ``checkpoints`` folder or a
+``.keras`` file (:func:`src.runs.resolve_checkpoint`: the same rules in every command).
 
 * The inference model: :meth:`MultiTaskModel.inference_model` (training-only auxiliary
   heads ``<target>_aux<k>`` dropped). A model trained under mixed precision is rebuilt
@@ -114,19 +116,16 @@ def to_float32(model):
 
 
 def inference_model(checkpoint):
-    """(float32 inference model, info) of a checkpoint (file or run folder)."""
-    from .predict import inference_of, load_model_file, resolve_checkpoint
+    """``(inference model, its float32 version, info)`` of a checkpoint (anything
+    :func:`src.inference.load_for_inference` takes)."""
+    from .inference import load_for_inference
 
-    ckpt = resolve_checkpoint(checkpoint)
-    full = load_model_file(ckpt)
-    model = inference_of(full)
-    net = getattr(full, "network", full)
-    all_heads = list(net.output) if isinstance(net.output, dict) else []
-    heads = list(model.output) if isinstance(model.output, dict) else ["output"]
+    loaded = load_for_inference(checkpoint)
+    model = loaded.network
     rebuilt = needs_float32_rebuild(model)
     model32 = to_float32(model)
-    info = {"checkpoint": str(ckpt), "heads": heads, "dropped_heads": [h for h in all_heads if h not in heads],
-            "rebuilt_float32": rebuilt}
+    info = {"checkpoint": str(loaded.checkpoint), "heads": loaded.heads or ["output"],
+            "dropped_heads": loaded.dropped_heads, "rebuilt_float32": rebuilt}
     return model, model32, info
 
 
@@ -270,7 +269,8 @@ def compare(reference: dict, got: dict) -> dict:
 
 
 def default_output(checkpoint, fmt: str) -> Path:
-    from .predict import find_run_dir, resolve_checkpoint
+    """``<run folder>/export/<format>`` (beside the checkpoint file outside a run)."""
+    from .runs import find_run_dir, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     base = find_run_dir(ckpt) or ckpt.parent
@@ -342,8 +342,6 @@ def export(checkpoint, fmt: str = "savedmodel", output=None, n_samples: int = 4,
 
 
 def run(cfg) -> dict:
-    if not cfg.get("checkpoint"):
-        raise ExportError("checkpoint=PATH is required (a .keras file or a run folder)")
     return export(cfg.checkpoint, cfg.get("format", "savedmodel"), output=cfg.get("output"),
                   n_samples=int(cfg.get("n_samples", 4)), tolerance=cfg.get("tolerance"), seed=int(cfg.get("seed", 0)),
                   opset=cfg.get("opset"))
@@ -351,7 +349,7 @@ def run(cfg) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cli import cli_main
-    from .predict import PredictError
+    from .runs import CHECKPOINT_REQUIRED
 
     def status(report: dict) -> int:
         if report.get("passed") is False:
@@ -360,8 +358,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         return 0
 
-    return cli_main(__doc__, "export", lambda cfg, args: run(cfg), argv, errors=(ExportError, PredictError),
-                    exit_code=status)
+    return cli_main(__doc__, "export", lambda cfg, args: run(cfg), argv, errors=(ExportError,),
+                    required=[("checkpoint", CHECKPOINT_REQUIRED)], exit_code=status)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import pytest
 import keras
 
 from src import export as ex
+from src import inference as inf
 from src import predict as pr
+from src import runs
 
 CLASSES = ["glioma", "meningioma", "pituitary", "no_tumor"]
 
@@ -62,16 +64,16 @@ def images(tmp_path_factory):
 
 
 def test_resolve_checkpoint_picks_the_last_phase(run_dir, tmp_path):
-    assert pr.resolve_checkpoint(run_dir) == run_dir / "phase3" / "checkpoints" / "best.keras"
+    assert runs.resolve_checkpoint(run_dir) == run_dir / "phase3" / "checkpoints" / "best.keras"
     for p in ("phase2", "phase10"):
         (tmp_path / p / "checkpoints").mkdir(parents=True)
         (tmp_path / p / "checkpoints" / "best.keras").write_bytes(b"x")
-    assert pr.resolve_checkpoint(tmp_path).parent.parent.name == "phase10"
+    assert runs.resolve_checkpoint(tmp_path).parent.parent.name == "phase10"
     (tmp_path / "empty_run").mkdir()
-    with pytest.raises(pr.PredictError, match="no checkpoint"):
-        pr.resolve_checkpoint(tmp_path / "empty_run")
-    with pytest.raises(pr.PredictError, match="does not exist"):
-        pr.resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(runs.CheckpointError, match="no checkpoint"):
+        runs.resolve_checkpoint(tmp_path / "empty_run")
+    with pytest.raises(runs.CheckpointError, match="does not exist"):
+        runs.resolve_checkpoint(tmp_path / "nope")
 
 
 def test_predict_folder_with_bad_files(run_dir, images, tmp_path):
@@ -101,9 +103,9 @@ def test_predict_folder_with_bad_files(run_dir, images, tmp_path):
             assert float(r["box_x0"]) == pytest.approx(float(r[f"box_{r['predicted']}_x0"]), abs=1e-3)
         assert cv2.imread(r["overlay_path"]).shape[:2] == (h, w)
     # the box is the model's normalised slot scaled to the original image (stretch)
-    model = pr.load_inference_model(pr.resolve_checkpoint(run_dir))
-    img = pr.read_image(images / "a_red.png")
-    x = pr.prepare(img, pr.frame_for(40, 50, (32, 32)))
+    model = inf.load_for_inference(run_dir).network
+    img = inf.read_image(images / "a_red.png")
+    x = inf.prepare(img, inf.frame_for(40, 50, (32, 32)))
     boxes = np.asarray(model(x[None], training=False)["boxes"])[0]
     row = next(r for r in rows if r["path"].endswith("a_red.png"))
     for k, c in enumerate(CLASSES):
@@ -112,15 +114,15 @@ def test_predict_folder_with_bad_files(run_dir, images, tmp_path):
 
 
 def test_letterbox_frame_maps_back_to_pixels():
-    f = pr.frame_for(100, 200, (64, 64), "letterbox")   # content 32 x 64, 16 px bands top and bottom
+    f = inf.frame_for(100, 200, (64, 64), "letterbox")   # content 32 x 64, 16 px bands top and bottom
     assert (f.nh, f.nw, f.top, f.left) == (32, 64, 16, 0)
-    b = pr.boxes_to_pixels(np.array([[0.25, 0.25, 0.75, 0.75]]), f)
+    b = inf.boxes_to_pixels(np.array([[0.25, 0.25, 0.75, 0.75]]), f)
     np.testing.assert_allclose(b, [[50, 0, 150, 100]])   # y: (16 - 16) / 32 * 100 .. clipped
-    b = pr.boxes_to_pixels(np.array([[0.0, 0.5, 1.0, 0.625]]), f)
+    b = inf.boxes_to_pixels(np.array([[0.0, 0.5, 1.0, 0.625]]), f)
     np.testing.assert_allclose(b, [[0, 50, 200, 75]])
     m = np.zeros((64, 64), np.float32)
     m[32:48, :32] = 1.0
-    back = pr.mask_to_original(m, f)
+    back = inf.mask_to_original(m, f)
     assert back.shape == (100, 200) and back[60, 50] == 1 and back[10, 50] == 0 and back[60, 150] == 0
 
 
@@ -212,8 +214,8 @@ def test_predict_cli_with_flip_tta(run_dir, images, tmp_path, capsys):
     with open(tmp_path / "o" / "predictions.csv") as fh:
         row = next(csv.DictReader(fh))
     assert row["tta"] == "flip"
-    model = pr.load_inference_model(pr.resolve_checkpoint(run_dir))
-    x = pr.prepare(pr.read_image(images / "a_red.png"), pr.frame_for(40, 50, (32, 32)))
+    model = inf.load_for_inference(run_dir).network
+    x = inf.prepare(inf.read_image(images / "a_red.png"), inf.frame_for(40, 50, (32, 32)))
     a = {k: np.asarray(v)[0] for k, v in model(x[None], training=False).items()}
     b = {k: np.asarray(v)[0] for k, v in model(x[None, :, ::-1], training=False).items()}
     probs = (a["class"] + b["class"]) / 2
@@ -242,7 +244,7 @@ def test_predict_cli(run_dir, images, tmp_path, capsys, caplog):
 def test_export_round_trip(run_dir, tmp_path, fmt):
     rep = ex.export(run_dir, fmt, output=tmp_path / fmt, n_samples=3)
     assert rep["passed"] is True, rep["max_abs_diff"]
-    assert set(rep["max_abs_diff"]) == {"class", "boxes"} and rep["dropped_heads"] == ["class_aux1"]
+    assert set(rep["max_abs_diff"]) == {"class", "boxes"} and rep["dropped_heads"] == ["boxes_aux1", "class_aux1"]
     assert all(v <= rep["tolerance"] for v in rep["max_abs_diff"].values())
     on_disk = json.loads((tmp_path / fmt / "export_report.json").read_text())
     assert on_disk["passed"] is True and on_disk["format"] == fmt

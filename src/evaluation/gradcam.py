@@ -62,6 +62,8 @@ from typing import Mapping, Optional, Sequence, Union
 import keras
 import numpy as np
 
+from ..inference import fit_text_scale
+
 METHODS = ("gradcam", "gradcam++")
 _SQUASH = ("softmax", "sigmoid")
 
@@ -604,15 +606,6 @@ def overlay(image, cam: np.ndarray, alpha: float = 0.4, mask: Optional[np.ndarra
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
     return out
-
-
-def fit_text_scale(text: str, width: int, preferred: float = 0.5, font=None) -> float:
-    """The OpenCV font scale (at most ``preferred``) at which ``text`` fits ``width`` pixels."""
-    import cv2
-
-    font = cv2.FONT_HERSHEY_SIMPLEX if font is None else font
-    (tw, _), _ = cv2.getTextSize(text, font, 1.0, 1)
-    return float(min(preferred, max(width - 6, 1) / max(tw, 1)))
 
 
 def save_overlay(path, image, cam: np.ndarray, alpha: float = 0.4, mask: Optional[np.ndarray] = None,

@@ -12,6 +12,13 @@ one PNG and returns its path.
 * :func:`gallery_plot`: rows of cases (e.g. the worst and the best): the image with true
   boxes (solid green) and predicted boxes (dashed red), true mask outline (green) and
   predicted mask outline (dashed red), the labels and the case's score in the title.
+
+The evaluation report's figures from the collected arrays
+(:class:`~src.evaluation.collect.Collector`):
+
+* :func:`gallery_ranking` / :func:`gallery_cases`: the worst and best images by the most
+  telling score there is (Dice, box IoU, p(true class), SSIM), at most two per group;
+* :func:`make_plots`: every PNG of the report.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from ..data.records import NO_TUMOR
 
 TRUE_COLOR = "#2ca02c"
 PRED_COLOR = "#d62728"
@@ -207,4 +216,167 @@ def gallery_plot(rows: Sequence[tuple[str, Sequence[Mapping]]], path, title: str
     return _save(fig, path)
 
 
-__all__ = ["confusion_matrix_plot", "roc_plot", "histogram_plot", "reliability_plot", "gallery_plot"]
+# ---------------------------------------------------------------------------------------
+# the report's figures from collected arrays
+# ---------------------------------------------------------------------------------------
+def gallery_ranking(col: Mapping, class_map, threshold: float) -> tuple[Optional[np.ndarray], np.ndarray, str]:
+    """``(score per image (NaN = not ranked), candidate mask, what the score is)``: Dice on
+    tumour images when masks exist, else the mean box IoU, else p(true class), else SSIM."""
+    from ..training.multitask import RECON_HEADS  # heads vocabulary
+    from .compute import class_scores, known
+    from .detection import slot_ious
+
+    sc, pred, y = col["scores"], col["pred"], col["y"]
+    n = col["n"]
+    if "mask_dice" in sc and np.isfinite(sc["mask_dice"]).any():
+        s = sc["mask_dice"]
+        tumor = np.nan_to_num(sc["mask_true_area"]) > 0
+        cand = np.isfinite(s) & tumor if (np.isfinite(s) & tumor).any() else np.isfinite(s)
+        return s, cand, "Dice (tumour images)" if (np.isfinite(s) & tumor).any() else "Dice"
+    if "boxes" in pred and (np.asarray(col["w"]["boxes"]) > 0).any():
+        ious = slot_ious(pred["boxes"], y["boxes"], col["w"]["boxes"])
+        ok = np.isfinite(ious).any(axis=1)
+        s = np.full(n, np.nan)
+        s[ok] = np.nanmean(ious[ok], axis=1)
+        return s, ok, "box IoU"
+    probs, hard, _ = class_scores(col, class_map, threshold)
+    if probs is not None and "class" in y:
+        ok = known(col, "class")
+        s = np.full(n, np.nan)
+        s[ok] = probs[ok, y["class"][ok].astype(int)]
+        return s, ok, "p(true class)"
+    if "tumor" in pred and "tumor" in y:
+        ok = known(col, "tumor")
+        p = pred["tumor"]
+        s = np.where(ok, np.where(y["tumor"] > 0.5, p, 1 - p), np.nan)
+        return s, ok, "p(true tumour label)"
+    for h in RECON_HEADS:
+        if f"{h}_ssim" in sc:
+            s = sc[f"{h}_ssim"]
+            return s, np.isfinite(s), "SSIM"
+    return None, np.zeros(n, bool), "none"
+
+
+def _pick_cases(seq, k: int, groups: Sequence, exclude=(), per_group: int = 2) -> list:
+    """The first ``k`` of ``seq`` with at most ``per_group`` per group (patient: its
+    neighbouring slices look alike), filled up from the rest when groups run out."""
+    seq = [i for i in seq if i not in exclude]
+    first, count = [], {}
+    for i in seq:
+        if count.get(groups[i], 0) < per_group:
+            count[groups[i]] = count.get(groups[i], 0) + 1
+            first.append(i)
+    taken = set(first[:k])
+    taken |= set([i for i in seq if i not in taken][:k - len(taken)])
+    return [i for i in seq if i in taken]
+
+
+def _case(i: int, col: Mapping, class_map, cs: tuple, score: np.ndarray, what: str, meta: Sequence[Mapping]) -> dict:
+    """One gallery case (see :func:`gallery_plot`) of image ``i``."""
+    from ..training.multitask import RECON_HEADS  # heads vocabulary
+    from .compute import known
+
+    pred, y, th = col["pred"], col["y"], col["thumbs"]
+    classes = list(class_map.classes)
+    probs, hard, _ = cs
+    c: dict = {"image": th["image"][i]}
+    lines = []
+    if probs is not None:
+        t = classes[int(y["class"][i])] if "class" in y and known(col, "class")[i] else "?"
+        lines.append(f"true {t} / pred {classes[int(hard[i])]} {probs[i, hard[i]]:.2f}")
+    elif "tumor" in pred:
+        lines.append(f"p(tumour) {pred['tumor'][i]:.2f}")
+    lines.append(f"{what} {score[i]:.3f}")
+    if meta and i < len(meta) and meta[i].get("path"):
+        lines.append(Path(str(meta[i]["path"])).name[:28])
+    c["title"] = "\n".join(lines)
+    if "boxes" in pred:
+        if "boxes_all" in y:
+            cnt = int(y["boxes_all_count"][i])
+            c["true_boxes"] = [(y["boxes_all"][i, j], None) for j in range(cnt) if y["boxes_all_classes"][i, j] >= 0]
+        slots = set(np.flatnonzero(np.asarray(col["w"]["boxes"][i]) > 0).tolist())
+        if hard is not None and classes[int(hard[i])] != NO_TUMOR:
+            slots.add(int(hard[i]))
+        c["pred_boxes"] = [(pred["boxes"][i, s], classes[s]) for s in sorted(slots)]
+        if "boxes_from_mask" in pred:  # one box read off the mask (every slot holds it), none when empty
+            c["pred_boxes"] = [(pred["boxes"][i, 0], "mask")] if pred["boxes_from_mask"][i] > 0 else []
+    if "mask_true" in th and np.isfinite(col["scores"]["mask_dice"][i]):
+        c["true_mask"] = th["mask_true"][i]
+        c["pred_mask"] = th["mask_pred"][i].astype(np.float32) / 255.0 >= 0.5
+    for h in RECON_HEADS:
+        if h in th:
+            c["recon"] = th[h][i]
+    return c
+
+
+def gallery_cases(col: Mapping, class_map, threshold: float, k: int = 6, meta: Sequence[Mapping] = ()):
+    """``([(row title, [case dicts])], score name)`` of the ``k`` worst and ``k`` best images."""
+    from .compute import class_scores
+
+    score, cand, what = gallery_ranking(col, class_map, threshold)
+    if score is None or not cand.any():
+        return [], what
+    idx = np.flatnonzero(cand)
+    order = idx[np.argsort(score[idx], kind="mergesort")]
+    k = int(min(k, max(1, len(order) // 2))) if len(order) > 1 else 1
+    groups = [(meta[i].get("group") if meta and i < len(meta) else None) or i for i in range(col["n"])]
+    worst = _pick_cases(list(order), k, groups)
+    best = _pick_cases(list(order[::-1]), k, groups, exclude=set(worst))
+    cs = class_scores(col, class_map, threshold)
+    cases = lambda ids: [_case(i, col, class_map, cs, score, what, meta) for i in ids]  # noqa: E731
+    return [(f"worst {len(worst)}", cases(worst)), (f"best {len(best)}", cases(best))], what
+
+
+def _classification_curves(col: Mapping, class_map, probs: Optional[np.ndarray], heads: Mapping) -> list:
+    """``(head, true labels, probabilities, class names, binary)`` of each classification
+    head of the report."""
+    from .compute import known
+
+    y, pred, specs = col["y"], col["pred"], []
+    if "class" in heads:
+        sel = known(col, "class")
+        specs.append(("class", y["class"][sel], probs[sel], list(class_map.classes), False))
+    if "tumor" in heads:
+        sel = known(col, "tumor")
+        p = pred["tumor"][sel]
+        specs.append(("tumor", y["tumor"][sel].astype(int), np.stack([1 - p, p], 1), [NO_TUMOR, "tumor"], True))
+    if "subtype" in heads:
+        sel = known(col, "subtype")
+        specs.append(("subtype", y["subtype"][sel], pred["subtype"][sel], list(class_map.tumor_classes), False))
+    return specs
+
+
+def make_plots(col: Mapping, metrics: Mapping, class_map, out_dir, threshold: float, gallery: int = 6,
+               meta: Sequence[Mapping] = ()) -> dict:
+    """Every PNG of the report; returns ``{head: {kind: path}, "gallery": path}``."""
+    from .compute import class_scores
+
+    out_dir = Path(out_dir)
+    h = metrics["heads"]
+    res: dict = {}
+    probs, _, _ = class_scores(col, class_map, threshold)
+    for key, yt, pr, names, binary in _classification_curves(col, class_map, probs, h):
+        m = h[key]
+        title = {"class": "class", "tumor": "tumour", "subtype": "subtype"}[key]
+        res[key] = {
+            "confusion": confusion_matrix_plot(m["confusion_matrix"], names, out_dir / f"confusion_{key}.png",
+                                               title=f"Confusion, {title}"),
+            "roc": roc_plot(yt, pr, names, out_dir / f"roc_{key}.png", title=f"ROC ({title})", positive_only=binary),
+            "reliability": reliability_plot(m["calibration"], out_dir / f"reliability_{key}.png",
+                                            title=f"Reliability ({title})"),
+        }
+    if "boxes" in h:
+        res["boxes"] = {"iou_hist": histogram_plot(h["boxes"]["slot_iou_histogram"], out_dir / "iou_hist.png",
+                                                   "Box IoU (known slots)", "IoU", marks=(0.5, 0.75))}
+    if "mask" in h:
+        res["mask"] = {"dice_hist": histogram_plot(h["mask"]["dice_histogram"], out_dir / "dice_hist.png",
+                                                   "Mask Dice per image", "Dice")}
+    rows, what = gallery_cases(col, class_map, threshold, k=gallery, meta=meta)
+    if rows:
+        res["gallery"] = gallery_plot(rows, out_dir / "gallery.png", title=f"Worst and best by {what}")
+        res["gallery_score"] = what
+    return res
+
+
+__all__ = ["confusion_matrix_plot", "roc_plot", "histogram_plot", "reliability_plot", "gallery_plot",
+           "gallery_ranking", "gallery_cases", "make_plots"]

@@ -1,14 +1,19 @@
-"""``report.html``: one self-contained page of an evaluation.
+"""The evaluation report folder, and ``report.html``: one self-contained page of it.
 
-Plots are embedded as base64 PNG (``data:`` URIs), tables are plain HTML and the style
-sheet is inline: the file reads offline, by itself, in any browser (no external CSS,
-JavaScript or fonts). :func:`write_report` takes the ``metrics.json`` dict written by
-:mod:`src.evaluate` and the PNG paths of :mod:`src.evaluation.plots`.
+:func:`save_report` writes the folder of ``src.evaluate``: ``metrics.json``,
+``predictions.csv`` (:mod:`src.evaluation.compute`), the PNG plots
+(:func:`src.evaluation.plots.make_plots`) and ``report.html``.
+
+In ``report.html`` plots are embedded as base64 PNG (``data:`` URIs), tables are plain HTML
+and the style sheet is inline: the file reads offline, by itself, in any browser (no
+external CSS, JavaScript or fonts). :func:`write_report` takes the ``metrics.json`` dict
+and the PNG paths of :mod:`src.evaluation.plots`.
 """
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -214,7 +219,9 @@ def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping]
         parts.append(section)
     if "mask" in heads:
         parts.append(_mask_section(heads["mask"], plots))
-    for key in ("recon", "reconstruction"):
+    from ..training.multitask import RECON_HEADS  # heads vocabulary
+
+    for key in RECON_HEADS:
         if key in heads:
             parts.append(_recon_section(key, heads[key]))
     if plots.get("gallery"):
@@ -233,4 +240,37 @@ def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping]
     return path
 
 
-__all__ = ["write_report", "embed_png"]
+TTA_NOTE = {"none": "none", "flip": "flip (mean of the image and its horizontal mirror, spatial outputs flipped back)"}
+
+
+def report_meta(doc: Mapping, gallery_score: str = "score") -> dict:
+    """The table at the top of ``report.html`` from the ``metrics.json`` dict."""
+    heads = ", ".join(h + (" (from mask)" if h == "boxes" and doc["boxes_from_mask"] else "")
+                      for h in doc["evaluated_heads"])
+    return {"created": doc["created"], "checkpoint": doc["checkpoint"], "model": doc["model"],
+            "data": f"{doc['data']} ({doc['data_root']})", "split": f"{doc['split']}: {doc['n_images']} images",
+            "heads": heads, "image size": doc["image_size"], "threshold": doc["threshold"],
+            "test-time augmentation": TTA_NOTE[doc["tta"]], "gallery_score": gallery_score}
+
+
+def save_report(out_dir, doc: Mapping, arrays: Mapping, class_map, meta: Sequence[Mapping] = (),
+                gallery: int = 6) -> dict:
+    """Write the report folder: ``metrics.json`` (``doc``), ``predictions.csv`` (one row per
+    image of the collected ``arrays``, with ``meta``), the plots and ``report.html``;
+    returns the plots (:func:`src.evaluation.plots.make_plots`)."""
+    from .compute import prediction_rows, write_csv
+    from .metrics import to_jsonable
+    from .plots import make_plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = to_jsonable(doc)
+    threshold = doc["threshold"]
+    (out_dir / "metrics.json").write_text(json.dumps(plain, indent=2))
+    write_csv(out_dir / "predictions.csv", prediction_rows(arrays, class_map, threshold, meta))
+    plots = make_plots(arrays, doc, class_map, out_dir, threshold, gallery=gallery, meta=meta)
+    write_report(out_dir / "report.html", plain, plots, meta=report_meta(doc, plots.get("gallery_score", "score")))
+    return plots
+
+
+__all__ = ["write_report", "embed_png", "save_report", "report_meta"]

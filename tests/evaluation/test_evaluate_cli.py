@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from src.data.records import ClassMap
-from src.evaluate import (Collector, EvaluationError, check_compatible, compute_metrics, dataset_targets, headline,
-                          main, make_plots, output_shapes, prediction_rows, write_csv)
+from src.evaluate import main
 from src.evaluation import detection as D
+from src.evaluation.collect import Collector, EvaluationError, check_compatible, dataset_targets, output_shapes
+from src.evaluation.compute import compute_metrics, headline, prediction_rows, write_csv
+from src.evaluation.plots import make_plots
 from src.evaluation import metrics as M
 from src.evaluation.report import write_report
 
@@ -122,7 +124,7 @@ def test_report_goes_to_the_training_runs_mlflow_record(tmp_path, monkeypatch):
     """A run the engine tracked (tag run_dir) receives the report; no second run is made."""
     from mlflow.tracking import MlflowClient
 
-    from src.evaluate import log_to_mlflow
+    from src.evaluation.tracking import log_to_mlflow
     from src.tracking import Tracker
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
