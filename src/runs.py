@@ -36,6 +36,7 @@ Nothing here imports TensorFlow or anything above it in the package.
 from __future__ import annotations
 
 import json
+import re
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,12 +291,21 @@ def settings_from_run(cfg, args, run_dir: Optional[Path]) -> dict:
 # ---------------------------------------------------------------------------------------
 # searching paths.output_root (the engine's phase chaining and trainer.resume)
 # ---------------------------------------------------------------------------------------
+def same_role(run: Path) -> bool:
+    """A run folder of this process' role: the chief / a single process never picks up a
+    multi-worker cluster's ``<time>_worker<k>`` folders, and worker ``k`` only its own."""
+    from .config import worker_suffix
+
+    suffix = worker_suffix()
+    return run.name.endswith(suffix) if suffix else not re.search(r"_(worker|ps|evaluator)\d+$", run.name)
+
+
 def runs_of(output_root, model_name: str, data_name: str, exclude=None) -> Iterator[tuple[RunFolder, Path]]:
     """``(run, its run_info.json)`` of every run under ``output_root`` of ``model_name`` on
     ``data_name`` (unreadable ``run_info.json`` files skipped), except ``exclude``."""
     skip = Path(exclude).resolve() if exclude is not None else None
     for info_path in Path(output_root).rglob(RUN_INFO):
-        if skip is not None and info_path.parent.resolve() == skip:
+        if skip is not None and info_path.parent.resolve() == skip or not same_role(info_path.parent):
             continue
         try:
             info = json.loads(info_path.read_text())

@@ -31,7 +31,7 @@ from ..data.records import NO_TUMOR
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "run_info.json"
+from ..runs import RUN_INFO, find_phase_checkpoint, find_resume_run  # noqa: F401  (re-exported)
 
 
 class TrainingDiverged(ValueError):
@@ -73,52 +73,6 @@ def previous_phase(phase: str, table: dict) -> Optional[str]:
     names = sorted(table, key=lambda s: (len(s), s))
     i = names.index(phase)
     return names[i - 1] if i > 0 else None
-
-
-def same_role(run: Path) -> bool:
-    """A run folder of this process' role: the chief / a single process never picks up a
-    multi-worker cluster's ``<time>_worker<k>`` folders, and worker ``k`` only its own."""
-    import re
-
-    from ..config import worker_suffix
-
-    suffix = worker_suffix()
-    return run.name.endswith(suffix) if suffix else not re.search(r"_(worker|ps|evaluator)\d+$", run.name)
-
-
-def find_phase_checkpoint(output_root: Path, model_name: str, data_name: str, phase: str,
-                          exclude: Optional[Path] = None) -> Optional[Path]:
-    """Newest ``best.keras`` of ``phase`` under ``output_root`` for the same model and data."""
-    best, best_t = None, -1.0
-    for info_path in Path(output_root).rglob(RUN_INFO):
-        run = info_path.parent
-        if exclude is not None and run.resolve() == Path(exclude).resolve() or not same_role(run):
-            continue
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("model") != model_name or info.get("data") != data_name:
-            continue
-        ckpt = run / f"phase{phase}" / "checkpoints" / "best.keras"
-        done = run / f"phase{phase}" / "metrics.json"
-        if ckpt.is_file() and done.is_file() and ckpt.stat().st_mtime > best_t:
-            best, best_t = ckpt, ckpt.stat().st_mtime
-    return best
-
-
-def find_resume_run(output_root: Path, model_name: str, data_name: str, exclude: Path) -> Optional[Path]:
-    runs = []
-    for info_path in Path(output_root).rglob(RUN_INFO):
-        if info_path.parent.resolve() == Path(exclude).resolve() or not same_role(info_path.parent):
-            continue
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("model") == model_name and info.get("data") == data_name:
-            runs.append((info_path.stat().st_mtime, info_path.parent))
-    return max(runs)[1] if runs else None
 
 
 # ---------------------------------------------------------------------------------------
