@@ -596,7 +596,7 @@ def nb_05():
         setup(name, TRAIN_HELPERS, EVAL_HELPER),
         md("## The run"),
         code("""
-        from src.training.engine import find_phase_checkpoint
+        from src.runs import find_phase_checkpoint
 
         train_overrides = overrides("phase=3", model=MODEL)
         cfg = compose(train_overrides)

@@ -10,28 +10,34 @@ with a warning.
 
 Per phase, under ``<run_dir>/phase<N>/``: ``checkpoints/best.keras`` and ``last.keras``
 (optimizer state included), ``state.json`` (completed epochs, best value), ``history.csv``,
-``metrics.json`` (validation metrics of the best checkpoint per head) and TensorBoard logs.
-``<run_dir>/metrics.json`` holds the last phase's metrics, ``run_info.json`` what the run
-was. ``trainer.resume=true`` continues the newest (or ``trainer.resume_dir``) run of the
+``metrics.json`` (validation metrics of the best checkpoint per head, timing, budget) and
+TensorBoard logs; the layout is :mod:`src.runs`'. ``<run_dir>/metrics.json`` holds the last
+phase's metrics, ``run_info.json`` what the run was. ``trainer.resume=true`` continues the newest (or ``trainer.resume_dir``) run of the
 same model and data: finished phases are skipped, the interrupted one continues from its
 ``last.keras`` at the saved epoch.
+
+The run is a few small steps: :func:`start_session` (settings, runtime, data, the first
+model, datasets), :func:`initial_checkpoint`, then per phase :func:`plan_phase`,
+:func:`phase_model`, :func:`phase_callbacks`, ``fit``, :func:`evaluate_best` and
+:func:`record_phase`. Building and compiling models is :mod:`src.training.build`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.records import NO_TUMOR
+from ..runs import RunFolder, find_phase_checkpoint, find_resume_run
+from .build import (apply_unfreeze, build_model, compile_model, drop_unlearnable_heads,  # noqa: F401 (re-exported)
+                    weights_for)
 
 log = logging.getLogger(__name__)
-
-from ..runs import RUN_INFO, find_phase_checkpoint, find_resume_run  # noqa: F401  (re-exported)
 
 
 class TrainingDiverged(ValueError):
@@ -76,183 +82,6 @@ def previous_phase(phase: str, table: dict) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# model building
-# ---------------------------------------------------------------------------------------
-def multi_hot_matrix(records, class_map):
-    """[N, C] multi-hot labels of ``records`` ({label} + box classes) and a [N] known mask."""
-    mh = np.zeros((len(records), class_map.num_classes), np.float32)
-    known = np.zeros(len(records), bool)
-    for i, r in enumerate(records):
-        if not r.known.get("label"):
-            continue
-        for name in {r.label, *r.box_classes}:
-            j = class_map.index(name)
-            if j >= 0:
-                mh[i, j] = 1.0
-        known[i] = True
-    return mh, known
-
-
-#: which ``Record.known`` flag makes a head's target known ("always": the input image)
-_KNOWN_FLAG = {"class": "label", "multilabel": "label", "tumor": "label", "subtype": "label",
-               "boxes": "boxes", "mask": "mask", "recon": "always", "reconstruction": "always"}
-
-
-def tumour_values(records) -> set:
-    """The tumour-vs-healthy answers the records know (``{True}``, ``{False}``, both, none)."""
-    out = set()
-    for r in records:
-        if r.known.get("label") and r.label is not None:
-            out.add(r.label != NO_TUMOR)
-        elif r.known.get("boxes") and len(r.boxes):
-            out.add(True)
-    return out
-
-
-def drop_unlearnable_heads(model_cfg: dict, train_records) -> dict:
-    """Remove from ``model_cfg["heads"]`` the heads whose target no training record has.
-
-    E.g. a segmentation head on a dataset without tumour masks would only ever see
-    unknown or known-empty (healthy) masks: it is dropped with a warning instead of
-    learning to predict nothing. A tumour-vs-healthy head on data with one answer only
-    (figshare has no healthy slices) is dropped too.
-    """
-    from .multitask import target_key
-
-    heads = model_cfg.get("heads")
-    if not heads:
-        return model_cfg
-    def positive(r, flag):  # a known target that is not only "nothing here"
-        if flag == "mask":
-            return bool(r.known.get("mask") and (r.mask or r.polygons))
-        if flag == "boxes":
-            return bool(r.known.get("boxes") and len(r.boxes))
-        return bool(r.known.get(flag))
-
-    keep = []
-    for h in heads:
-        flag = _KNOWN_FLAG.get(target_key(h), "always")
-        if flag != "always" and not any(positive(r, flag) for r in train_records):
-            why = f"no training record has a known {flag} target"
-        elif target_key(h) == "tumor" and len(tumour_values(train_records)) == 1:
-            # one answer for every slice (figshare: all tumours) teaches nothing, and under
-            # EMA balancing its vanishing loss would be scaled up without end
-            only = "a tumour" if tumour_values(train_records) == {True} else "no tumour"
-            why = f"every training slice has {only}: nothing to tell apart"
-        else:
-            keep.append(h)
-            continue
-        log.warning("head %r dropped: %s", h, why)
-        print(f"warning: head {h!r} dropped: {why}")
-    if not keep:
-        raise ValueError(f"none of the heads {list(heads)} has a known target in the training data")
-    return {**model_cfg, "heads": keep}
-
-
-def weights_for(weights, heads, defaults: Optional[dict] = None) -> Optional[dict]:
-    """Loss weights restricted to the model's heads (a config may name heads it dropped).
-
-    An auxiliary head (``<head>_aux<k>``) that ``weights`` does not name follows its head:
-    its default weight (``defaults``) while the head learns, 0 when the head is off.
-    """
-    from .multitask import is_aux_head, target_key
-
-    if not weights:
-        return None
-    out = {h: float(w) for h, w in dict(weights).items() if h in heads}
-    for h in heads:
-        base = target_key(h)
-        if is_aux_head(h) and h not in out and base in out:
-            out[h] = float((defaults or {}).get(h, 1.0)) if out[base] != 0.0 else 0.0
-    return out
-
-
-def metric_heads(model) -> list:
-    """Heads that get compiled metrics: the active ones, plus loss-less outputs that
-    have a dataset target of their own (e.g. the U-Net's composed 4-class ``class``)."""
-    from .multitask import RECON_HEADS, is_aux_head
-
-    outs = model.output_names_of(model.network)
-    extra = [h for h in outs if h not in model.heads and not is_aux_head(h) and h not in RECON_HEADS]
-    return list(model.active_heads) + extra
-
-
-def compile_model(model, optimizer, num_classes: int, jit) -> None:
-    """Compile with the per-head metrics as *weighted* metrics: Keras' plain ``metrics=``
-    ignore sample weights, so unknown targets (unlabelled images, empty box slots, unknown
-    masks) would count as zeros."""
-    from .metrics import head_metrics
-
-    kw = {"optimizer": optimizer} if optimizer is not None else {}
-    model.compile(weighted_metrics=head_metrics(metric_heads(model), num_classes), jit_compile=jit, **kw)
-
-
-def build_model(model_cfg: dict, class_map, image_size, train_records=None):
-    """Network from the registry wrapped in a :class:`MultiTaskModel` with its losses."""
-    from ..losses import class_weights_from_labels
-    from ..models import create_model
-    from .multitask import MultiTaskModel
-
-    cfg = dict(model_cfg)
-    name = cfg.pop("name")
-    losses = dict(cfg.pop("losses", None) or {})
-    for key in ("phases", "balancing", "ema_beta", "loss_weights", "preprocessing", "class_weighting"):
-        cfg.pop(key, None)
-    network = create_model(name, num_classes=class_map.num_classes, image_size=image_size,
-                           class_names=list(class_map.classes), **cfg)
-    outputs = list(network.output)
-    head_losses = {}
-    for head in outputs:
-        spec = losses.get(head)
-        if spec is None:
-            continue
-        spec = dict(spec) if isinstance(spec, dict) else {"name": spec}
-        if spec.get("name") == "weighted_bce" and spec.get("pos_weights") is None and train_records is not None:
-            mh, known = multi_hot_matrix(train_records, class_map)
-            pos, neg = class_weights_from_labels(mh, mode=model_cfg.get("class_weighting", "balanced"), mask=known)
-            spec.update(pos_weights=pos, neg_weights=neg)
-            log.info("weighted BCE from %d training labels: pos=%s neg=%s", int(known.sum()),
-                     np.round(pos, 3).tolist(), np.round(neg, 3).tolist())
-        head_losses[head] = spec
-    if not head_losses:
-        raise ValueError(f"model {name!r}: no losses configured for its outputs {outputs}")
-    return MultiTaskModel(network, head_losses, loss_weights=weights_for(model_cfg.get("loss_weights"), head_losses),
-                          balancing=model_cfg.get("balancing", "static"),
-                          ema_beta=float(model_cfg.get("ema_beta", 0.99)),
-                          name=f"{name}")
-
-
-def backbone_of(model, model_cfg: dict):
-    """The :class:`Backbone` view of a model's nested backbone, or None."""
-    from ..models.backbones import Backbone
-
-    try:
-        sub = model.network.get_layer("backbone")
-    except ValueError:
-        return None
-    name = model_cfg.get("backbone")
-    if not name:
-        return None
-    return Backbone(name, sub, input_shape=tuple(sub.input.shape[1:]))
-
-
-def apply_unfreeze(model, model_cfg: dict, spec) -> Optional[dict]:
-    from .unfreeze import set_trainable
-
-    if not spec:
-        return None
-    bb = backbone_of(model, model_cfg)
-    if bb is None:
-        log.info("unfreeze: model has no backbone; every layer trains")
-        return None
-    summary = set_trainable(bb, OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
-    log.info("unfreeze %s: %d/%d backbone layers trainable, %s trainable params (first: %s)", dict(spec),
-             summary["trainable_layers"], summary["total_layers"], f"{summary['trainable_params']:,}",
-             summary.get("first_trainable_layer"))
-    return summary
-
-
-# ---------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------
 def phase_learning_rate(trainer: dict, pcfg: dict) -> float:
@@ -272,255 +101,401 @@ def _monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+@dataclass
+class Session:
+    """What the phases of one training run share: settings, data, datasets, tracking."""
+
+    cfg: DictConfig
+    trainer: dict
+    model_cfg: dict
+    data_cfg: dict
+    table: dict
+    phases: list
+    run: RunFolder
+    info: dict
+    bundle: Any = None
+    train_recs: list = field(default_factory=list)
+    val_recs: list = field(default_factory=list)
+    strategy: Any = None
+    jit: bool = False
+    probe: Any = None
+    heads: list = field(default_factory=list)
+    train_ds: Any = None
+    val_ds: Any = None
+    tracker: Any = None
+    steps: int = 1
+    val_steps: int = 1
+
+    @property
+    def names(self) -> tuple:
+        return self.model_cfg["name"], self.data_cfg["name"]
+
+    def fit_kwargs(self) -> dict:
+        t = self.trainer
+        return {"steps_per_epoch": self.steps if t.get("steps_per_epoch") else None,
+                "validation_steps": self.val_steps if t.get("validation_steps") else None}
+
+    def save_info(self) -> None:
+        self.run.write_info(self.info)
+
+
+def _resume_target(cfg, trainer: dict, run_dir: Path, names: tuple) -> Path:
+    """The run folder to write to: ``run_dir``, or with ``trainer.resume`` the run to continue."""
+    if not trainer.get("resume"):
+        return run_dir
+    output_root = Path(cfg.paths.output_root)
+    target = Path(trainer["resume_dir"]) if trainer.get("resume_dir") else \
+        find_resume_run(output_root, *names, exclude=run_dir)
+    if target is None or not RunFolder(target).info_path.is_file():
+        raise FileNotFoundError(f"trainer.resume=true but no earlier run of model={names[0]} data={names[1]} "
+                                f"under {output_root} (or set trainer.resume_dir=<run dir>)")
+    log.info("resuming run %s", target)
+    print(f"resuming run {target}")
+    return target
+
+
+def start_session(cfg: DictConfig, run_dir: Path) -> Session:
+    """Settings, runtime (seed, precision, strategy), data, the first model and the datasets."""
     import keras
 
     from ..data.dataset import load_data
-    from ..data.pipeline import build_dataset
-    from ..runtime import process_started, tune_graph_optimizer
-    from ..tracking import Tracker, flatten_config
-    from .budget import TimeBudget, fmt_seconds, load_budget_state, parse_duration, phase_budgets
-    from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
-                            StepTimer, StopOnDivergence, load_epoch_state, repair_history)
-    from .multitask import load_checkpoint
-    from .optim import EMAValidation, make_optimizer, schedule_of, set_peak_learning_rate, uses_ema
-    from .plots import plot_history
-    from .precision import CPU_BF16_MIN_PARAMS, auto_depends_on_size, resolve_jit, set_precision
+    from ..runtime import tune_graph_optimizer
+    from .precision import auto_depends_on_size, resolve_jit, set_precision
     from .strategy import describe_strategy, get_strategy
 
-    run_dir = Path(run_dir)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    output_root = Path(cfg.paths.output_root)
-    model_name, data_name = model_cfg["name"], data_cfg["name"]
     table = phase_table(model_cfg)
     phases = phases_to_run(cfg.phase, table)
-
-    if trainer.get("resume"):
-        target = Path(trainer["resume_dir"]) if trainer.get("resume_dir") else \
-            find_resume_run(output_root, model_name, data_name, exclude=run_dir)
-        if target is None or not (target / RUN_INFO).is_file():
-            raise FileNotFoundError(f"trainer.resume=true but no earlier run of model={model_name} data={data_name} "
-                                    f"under {output_root} (or set trainer.resume_dir=<run dir>)")
-        log.info("resuming run %s", target)
-        print(f"resuming run {target}")
-        run_dir = target
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(_resume_target(cfg, trainer, Path(run_dir), (model_cfg["name"], data_cfg["name"])))
+    run.path.mkdir(parents=True, exist_ok=True)
+    s = Session(cfg=cfg, trainer=trainer, model_cfg=model_cfg, data_cfg=data_cfg, table=table, phases=phases, run=run,
+                info={})
 
     keras.utils.set_random_seed(int(cfg.seed))
     tune_graph_optimizer()  # CPU: skip grappler passes that only cost start-up time there
     precision = trainer.get("precision", "auto")
-    sized = auto_depends_on_size(precision)  # decided once the network's size is known (below)
+    sized = auto_depends_on_size(precision)  # decided once the network's size is known
     policy = set_precision("float32" if sized else precision)
-    jit = resolve_jit(trainer.get("jit_compile", "auto"))
-    strategy = get_strategy(trainer.get("strategy", "auto"))
-    log.info("precision=%s jit_compile=%s strategy=%s", policy, jit, describe_strategy(strategy))
+    s.jit = resolve_jit(trainer.get("jit_compile", "auto"))
+    s.strategy = get_strategy(trainer.get("strategy", "auto"))
+    log.info("precision=%s jit_compile=%s strategy=%s", policy, s.jit, describe_strategy(s.strategy))
 
-    bundle = load_data(cfg.data, cache_dir=cfg.paths.cache_dir)
-    train_recs, val_recs = bundle.split("train"), bundle.split("val")
+    s.bundle = load_data(cfg.data, cache_dir=cfg.paths.cache_dir)
+    s.train_recs, val_recs = s.bundle.split("train"), s.bundle.split("val")
+    if not s.train_recs or not val_recs:
+        raise ValueError(f"need train and val splits, got {len(s.train_recs)} train / {len(val_recs)} val records")
     # a fixed shuffle of validation, so a capped trainer.validation_steps sees every class,
     # not the first few groups of the (sorted) split
-    val_recs = [val_recs[i] for i in np.random.default_rng(int(cfg.seed)).permutation(len(val_recs))]
-    if not train_recs or not val_recs:
-        raise ValueError(f"need train and val splits, got {len(train_recs)} train / {len(val_recs)} val records")
-    (run_dir / "data_summary.json").write_text(json.dumps(bundle.summary(), indent=2))
-    info = {"model": model_name, "data": data_name, "phases": phases, "classes": list(bundle.class_map.classes),
-            "image_size": data_cfg["image_size"], "precision": policy, "sampling": data_cfg.get("sampling", "natural"),
-            "max_time": trainer.get("max_time"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    s.val_recs = [val_recs[i] for i in np.random.default_rng(int(cfg.seed)).permutation(len(val_recs))]
+    run.data_summary.write_text(json.dumps(s.bundle.summary(), indent=2))
+    s.info = {"model": model_cfg["name"], "data": data_cfg["name"], "phases": phases,
+              "classes": list(s.bundle.class_map.classes), "image_size": data_cfg["image_size"], "precision": policy,
+              "sampling": data_cfg.get("sampling", "natural"), "max_time": trainer.get("max_time"),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    s.save_info()
+    OmegaConf.save(cfg, run.config_path, resolve=True)
+    _first_model(s, sized)
+    _datasets(s)
+    return s
 
-    # the model decides its own preprocessing (inside the network): the pipeline yields [0, 1]
-    data_cfg["preprocessing"] = "none" if data_cfg.get("preprocessing", "auto") == "auto" else data_cfg["preprocessing"]
-    data_cfg["seed"] = int(cfg.seed)
-    batch = int(data_cfg["batch_size"])
-    steps = _steps(len(train_recs), batch, trainer.get("steps_per_epoch"))
-    val_steps = _steps(len(val_recs), batch, trainer.get("validation_steps"))
 
-    if train_recs:
-        model_cfg = drop_unlearnable_heads(model_cfg, train_recs)
-    with strategy.scope():
-        probe = build_model(model_cfg, bundle.class_map, data_cfg["image_size"], train_records=train_recs)
+def _first_model(s: Session, sized: bool) -> None:
+    """Drop heads the data cannot teach, build the first model; decide ``precision=auto``
+    on a bf16 CPU from its size (and build again in bfloat16 when that wins)."""
+    from .precision import CPU_BF16_MIN_PARAMS, set_precision
+
+    s.model_cfg = drop_unlearnable_heads(s.model_cfg, s.train_recs)
+    build = lambda: build_model(s.model_cfg, s.bundle.class_map, s.data_cfg["image_size"],  # noqa: E731
+                                train_records=s.train_recs)
+    with s.strategy.scope():
+        s.probe = build()
     if sized:
-        n_params = int(probe.network.count_params())
+        n_params = int(s.probe.network.count_params())
         policy = set_precision("auto", n_params)
-        msg = (f"precision auto: {policy} ({n_params:,} parameters; bfloat16 on this CPU from "
-               f"{CPU_BF16_MIN_PARAMS:,})")
-        log.info(msg)
+        log.info("precision auto: %s (%s parameters; bfloat16 on this CPU from %s)", policy, f"{n_params:,}",
+                 f"{CPU_BF16_MIN_PARAMS:,}")
         if policy != "float32":
-            with strategy.scope():
-                probe = build_model(model_cfg, bundle.class_map, data_cfg["image_size"], train_records=train_recs)
-        info["precision"] = policy
-        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
-    heads = list(probe.network.output)
+            with s.strategy.scope():
+                s.probe = build()
+        s.info["precision"] = policy
+        s.save_info()
+    s.heads = list(s.probe.network.output)
+
+
+def _datasets(s: Session) -> None:
+    from ..data.pipeline import build_dataset
+
+    data_cfg = {**s.data_cfg, "seed": int(s.cfg.seed)}
+    # the model decides its own preprocessing (inside the network): the pipeline yields [0, 1]
+    if data_cfg.get("preprocessing", "auto") == "auto":
+        data_cfg["preprocessing"] = "none"
+    batch = int(data_cfg["batch_size"])
+    s.steps = _steps(len(s.train_recs), batch, s.trainer.get("steps_per_epoch"))
+    s.val_steps = _steps(len(s.val_recs), batch, s.trainer.get("validation_steps"))
     # a capped epoch (steps_per_epoch) walks a repeated stream instead of running dry
-    train_ds = build_dataset(train_recs, bundle.class_map, {**data_cfg, "repeat": bool(trainer.get("steps_per_epoch"))},
-                             training=True, heads=heads)
-    val_ds = build_dataset(val_recs, bundle.class_map, data_cfg, training=False, heads=heads)
-    monitor = trainer.get("monitor", "val_loss")
+    s.train_ds = build_dataset(s.train_recs, s.bundle.class_map,
+                               {**data_cfg, "repeat": bool(s.trainer.get("steps_per_epoch"))},
+                               training=True, heads=s.heads)
+    s.val_ds = build_dataset(s.val_recs, s.bundle.class_map, data_cfg, training=False, heads=s.heads)
 
-    from ..config import worker_suffix
 
-    # in a multi-worker cluster only the chief tracks (the others train in step with it and
-    # write their own <time>_worker<k> folder)
-    tracker = Tracker(cfg.tracking if not worker_suffix() else {"enabled": False}, run_dir)
-    run_name = (cfg.tracking.get("run_name") if "tracking" in cfg else None) or f"{model_name}-{data_name}-phase{cfg.phase}"
-    all_metrics: dict = {}
-    init_ckpt: Optional[Path] = None
-    first = phases[0]
-    prev = previous_phase(first, table)
-    init_from = str(trainer.get("init_from") or "previous")
+def initial_checkpoint(s: Session) -> Optional[Path]:
+    """Where the first phase starts (``trainer.init_from``): a named checkpoint, the newest
+    checkpoint of the phase before it (same model and data), or the initial weights."""
+    first = s.phases[0]
+    prev = previous_phase(first, s.table)
+    init_from = str(s.trainer.get("init_from") or "previous")
+    ckpt: Optional[Path] = None
     if init_from not in ("previous", "scratch"):
-        init_ckpt = Path(init_from).expanduser()
-        if not init_ckpt.is_file():
+        ckpt = Path(init_from).expanduser()
+        if not ckpt.is_file():
             raise FileNotFoundError(f"trainer.init_from={init_from}: no such checkpoint file")
-        msg = f"phase {first}: starting from {init_ckpt} (trainer.init_from)"
-    elif init_from == "scratch" or prev is None or str(cfg.phase).lower() == "all":
-        msg = f"phase {first}: starting from the initial weights" + (" (trainer.init_from=scratch)"
-                                                                    if init_from == "scratch" and prev else "")
+        msg = f"phase {first}: starting from {ckpt} (trainer.init_from)"
+    elif init_from == "scratch" or prev is None or str(s.cfg.phase).lower() == "all":
+        msg = f"phase {first}: starting from the initial weights" + (
+            " (trainer.init_from=scratch)" if init_from == "scratch" and prev else "")
     else:
-        init_ckpt = find_phase_checkpoint(output_root, model_name, data_name, prev, exclude=run_dir)
-        if init_ckpt is not None:
-            msg = f"phase {first}: starting from the phase-{prev} checkpoint {init_ckpt}"
+        output_root = Path(s.cfg.paths.output_root)
+        ckpt = find_phase_checkpoint(output_root, *s.names, prev, exclude=s.run.path)
+        if ckpt is not None:
+            msg = f"phase {first}: starting from the phase-{prev} checkpoint {ckpt}"
         else:
-            msg = (f"phase {first}: no phase-{prev} checkpoint of model={model_name} data={data_name} under "
+            msg = (f"phase {first}: no phase-{prev} checkpoint of model={s.names[0]} data={s.names[1]} under "
                    f"{output_root}; starting from the initial weights (run phase={prev} or phase=all first, "
                    f"or set trainer.init_from=scratch to mean it)")
             log.warning(msg)
     log.info(msg)
-    if prev is not None or init_ckpt is not None:
+    if prev is not None or ckpt is not None:
         print(msg)
-    info["initial_checkpoint"] = str(init_ckpt) if init_ckpt else None
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    s.info["initial_checkpoint"] = str(ckpt) if ckpt else None
+    s.save_info()
+    return ckpt
 
-    budgets = phase_budgets(parse_duration(trainer.get("max_time")), phases, table, int(trainer["max_epochs"]))
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run the phases ``cfg.phase`` names; returns the last phase's ``metrics.json`` content."""
+    from ..config import worker_suffix
+    from ..tracking import Tracker, flatten_config
+    from .budget import fmt_seconds, parse_duration, phase_budgets
+
+    s = start_session(cfg, run_dir)
+    init_ckpt = initial_checkpoint(s)
+    budgets = phase_budgets(parse_duration(s.trainer.get("max_time")), s.phases, s.table,
+                            int(s.trainer["max_epochs"]))
     if any(budgets.values()):
         print("time budget: " + ", ".join(f"phase {p} {fmt_seconds(b)}" for p, b in budgets.items() if b))
-
-    with tracker.start(run_name, params=flatten_config(OmegaConf.to_container(cfg, resolve=True)),
-                       tags={"model": model_name, "data": data_name, "phase": str(cfg.phase)}):
-        for phase in phases:
-            phase_start = time.monotonic()
-            pcfg = table[phase]
-            pdir = run_dir / f"phase{phase}"
-            ckdir = pdir / "checkpoints"
-            if (pdir / "metrics.json").is_file() and trainer.get("resume"):
-                log.info("phase %s already finished in %s: skipped", phase, pdir)
-                all_metrics[phase] = json.loads((pdir / "metrics.json").read_text())
-                init_ckpt = ckdir / "best.keras"
+    # in a multi-worker cluster only the chief tracks (the others train in step with it and
+    # write their own <time>_worker<k> folder)
+    s.tracker = Tracker(cfg.tracking if not worker_suffix() else {"enabled": False}, s.run.path)
+    model_name, data_name = s.names
+    run_name = (cfg.tracking.get("run_name") if "tracking" in cfg else None) or \
+        f"{model_name}-{data_name}-phase{cfg.phase}"
+    all_metrics: dict = {}
+    with s.tracker.start(run_name, params=flatten_config(OmegaConf.to_container(cfg, resolve=True)),
+                         tags={"model": model_name, "data": data_name, "phase": str(cfg.phase)}):
+        for phase in s.phases:
+            ph = s.run.phase(phase)
+            if ph.metrics.is_file() and s.trainer.get("resume"):
+                log.info("phase %s already finished in %s: skipped", phase, ph.path)
+                all_metrics[phase] = json.loads(ph.metrics.read_text())
+                init_ckpt = ph.best
                 continue
-            pdir.mkdir(parents=True, exist_ok=True)
-            # a phase's own epochs, capped by trainer.max_epochs (so a CLI override always limits);
-            # with a time budget the budget decides, up to trainer.max_epochs
-            budget = budgets.get(phase)
-            epochs = min(int(pcfg.get("epochs") or trainer["max_epochs"]), int(trainer["max_epochs"]))
-            fit_epochs = int(trainer["max_epochs"]) if budget else epochs
-            lr = phase_learning_rate(trainer, pcfg)
-            state = load_epoch_state(pdir / "state.json") if trainer.get("resume") else None
-            resume_from = ckdir / "last.keras" if state and (ckdir / "last.keras").is_file() else None
-            with strategy.scope():
-                if resume_from is not None:
-                    model = load_checkpoint(resume_from)
-                    log.info("phase %s: resuming from %s at epoch %d", phase, resume_from, state["epoch"])
-                    print(f"phase {phase}: resuming from {resume_from} at epoch {state['epoch']}")
-                    if set_peak_learning_rate(model.optimizer, lr):
-                        print(f"phase {phase}: learning rate changed to {lr:g} for the rest of the schedule")
-                elif init_ckpt is not None:
-                    model = load_checkpoint(init_ckpt)
-                else:
-                    model = probe if phase == first else build_model(model_cfg, bundle.class_map,
-                                                                     data_cfg["image_size"], train_recs)
-                if pcfg.get("loss_weights"):
-                    model.set_loss_weights(weights_for(pcfg["loss_weights"], model.heads,
-                                                       model_cfg.get("loss_weights")) or {})
-                model.train_metrics = str(trainer.get("train_metrics") or "light")
-                if model.train_metrics not in ("full", "light", "loss"):
-                    raise ValueError(f"trainer.train_metrics must be full | light | loss, got {model.train_metrics!r}")
-                unfreeze = apply_unfreeze(model, model_cfg, pcfg.get("unfreeze"))
-                model.freeze_inactive_heads()
-                active = model.active_heads
-                if resume_from is None:
-                    compile_model(model, make_optimizer(trainer, lr, steps * epochs, steps_per_epoch=steps),
-                                  bundle.class_map.num_classes, jit)
-                    # optimizer slots created now, not inside the first traced step (which
-                    # would then be traced twice)
-                    model.optimizer.build(model.trainable_variables)
-                else:
-                    # keep the restored optimizer (its state and step count) but refresh the
-                    # trainable set and metrics for this phase
-                    compile_model(model, model.optimizer, bundle.class_map.num_classes, jit)
-            n_train = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
-            plan = (f"a {fmt_seconds(budget)} budget (epochs planned after the first, at most {fit_epochs})"
-                    if budget else f"{epochs} epochs")
-            print(f"phase {phase}: heads {active}, {n_train:,} trainable params, lr {lr:g}, {plan} x {steps} steps"
-                  + (", weight EMA" if uses_ema(model.optimizer) else ""))
-            initial_epoch = int(state["epoch"]) if resume_from is not None else 0
-            timing = StepTimer(batch, since=process_started() if phase == first else phase_start)
-            divergence = StopOnDivergence()
-            callbacks = [
-                divergence,
-                timing,
-                *([EMAValidation()] if uses_ema(model.optimizer) else []),
-                *([LogBalancerState()] if model.balancer.mode != "static" else []),
-                LogLearningRate(),
-                BestAndLastCheckpoint(ckdir, monitor=monitor, mode=_monitor_mode(monitor),
-                                      initial_best=state.get("best") if resume_from is not None else None),
-                EpochStateCheckpoint(pdir / "state.json", monitor=monitor, phase=phase),
-                keras.callbacks.CSVLogger(str(pdir / "history.csv"), append=resume_from is not None and
-                                          repair_history(pdir / "history.csv", state) > 0),
-                *tracker.keras_callbacks(prefix=f"phase{phase}/"),
-            ]
-            if trainer.get("early_stopping_patience") and budget:
-                print(f"phase {phase}: early stopping is off under a time budget (the schedule runs to its planned "
-                      f"end; the best epoch is still kept by {monitor})")
-            elif trainer.get("early_stopping_patience"):
-                callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=_monitor_mode(monitor),
-                                                               patience=int(trainer["early_stopping_patience"])))
-            if trainer.get("schedule") == "plateau":
-                callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=_monitor_mode(monitor),
-                                                                   factor=0.3, patience=2))
-            timer = None
-            if budget:
-                spent = float(load_budget_state(pdir / "budget.json").get("elapsed_s") or 0.0) \
-                    if resume_from is not None else 0.0
-                timer = TimeBudget(budget, steps, fit_epochs, schedule=schedule_of(model.optimizer),
-                                   start=phase_start, spent=spent, state_path=pdir / "budget.json", say=print)
-                callbacks.append(timer)  # last: its epoch time includes the checkpoints
-            if initial_epoch < fit_epochs:
-                model.fit(train_ds, validation_data=val_ds, epochs=fit_epochs, initial_epoch=initial_epoch,
-                          shuffle=False,  # the pipeline shuffles; Keras' flag only warns for tf.data
-                          steps_per_epoch=steps if trainer.get("steps_per_epoch") else None,
-                          validation_steps=val_steps if trainer.get("validation_steps") else None,
-                          callbacks=callbacks, verbose=int(trainer.get("verbose", 1)))
-            if divergence.diverged:
-                raise TrainingDiverged(phase, divergence.diverged, ckdir, lr)
-            best_path = ckdir / "best.keras" if (ckdir / "best.keras").is_file() else ckdir / "last.keras"
-            best = load_checkpoint(best_path)
-            best.set_loss_weights(weights_for(pcfg.get("loss_weights"), best.heads, model_cfg.get("loss_weights")) or {})
-            compile_model(best, None, bundle.class_map.num_classes, jit)
-            res = best.evaluate(val_ds, return_dict=True, verbose=0,
-                                steps=val_steps if trainer.get("validation_steps") else None)
-            metrics = {"phase": phase, "checkpoint": str(best_path), "val": {k: float(v) for k, v in res.items()},
-                       "unfreeze": unfreeze, "balancer": best.balancer.state(),
-                       "seconds": round(time.monotonic() - phase_start, 1), "timing": timing.summary()}
-            if timer is not None:
-                metrics["budget"] = timer.summary(timer.epochs_run + initial_epoch)
-                metrics["budget"]["elapsed_s"] = round(timer.elapsed(), 1)
-            if "class" in heads:
-                metrics["chance_accuracy"] = 1.0 / bundle.class_map.num_classes
-            (pdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            tracker.log_metrics({f"phase{phase}/best_val_{k}": v for k, v in metrics["val"].items()})
-            tracker.log_artifact(pdir / "metrics.json", artifact_path=f"phase{phase}")
-            tracker.log_artifact(pdir / "history.csv", artifact_path=f"phase{phase}")
-            curves = plot_history(pdir / "history.csv", pdir / "learning_curves.png",
-                                  title=f"{model_name} on {data_name}, phase {phase}")
-            if curves is not None:
-                tracker.log_artifact(curves, artifact_path=f"phase{phase}")
-            tracker.log_artifact(best_path, artifact_path=f"phase{phase}/checkpoints")
-            all_metrics[phase] = metrics
-            init_ckpt = best_path
-            print(f"phase {phase}: validation " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items()))
-    final = all_metrics[phases[-1]]
-    (run_dir / "metrics.json").write_text(json.dumps({"phases": all_metrics, "final": final}, indent=2))
+            all_metrics[phase] = run_phase(s, phase, init_ckpt, budgets.get(phase))
+            init_ckpt = Path(all_metrics[phase]["checkpoint"])
+    final = all_metrics[s.phases[-1]]
+    s.run.metrics.write_text(json.dumps({"phases": all_metrics, "final": final}, indent=2))
     return final
+
+
+@dataclass
+class Phase:
+    """One phase's plan: what it is, where it writes, how long it runs, where it resumes."""
+
+    name: str
+    cfg: dict
+    folder: Any
+    start: float
+    epochs: int
+    fit_epochs: int
+    budget: Optional[float]
+    lr: float
+    state: Optional[dict]
+    resume_from: Optional[Path]
+
+    @property
+    def initial_epoch(self) -> int:
+        return int(self.state["epoch"]) if self.resume_from is not None else 0
+
+
+def plan_phase(s: Session, phase: str, budget: Optional[float]) -> Phase:
+    from .callbacks import load_epoch_state
+
+    pcfg = s.table[phase]
+    ph = s.run.phase(phase)
+    ph.path.mkdir(parents=True, exist_ok=True)
+    # a phase's own epochs, capped by trainer.max_epochs (so a CLI override always limits);
+    # with a time budget the budget decides, up to trainer.max_epochs
+    epochs = min(int(pcfg.get("epochs") or s.trainer["max_epochs"]), int(s.trainer["max_epochs"]))
+    state = load_epoch_state(ph.state) if s.trainer.get("resume") else None
+    return Phase(name=phase, cfg=pcfg, folder=ph, start=time.monotonic(), epochs=epochs,
+                 fit_epochs=int(s.trainer["max_epochs"]) if budget else epochs, budget=budget,
+                 lr=phase_learning_rate(s.trainer, pcfg), state=state,
+                 resume_from=ph.last if state and ph.last.is_file() else None)
+
+
+def run_phase(s: Session, phase: str, init_ckpt: Optional[Path], budget: Optional[float]) -> dict:
+    """Train one phase (fresh, from ``init_ckpt`` or resumed) and evaluate its best checkpoint."""
+    from .budget import fmt_seconds
+    from .optim import uses_ema
+
+    p = plan_phase(s, phase, budget)
+    model, unfreeze = phase_model(s, p, init_ckpt)
+    n_train = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    plan = (f"a {fmt_seconds(budget)} budget (epochs planned after the first, at most {p.fit_epochs})"
+            if budget else f"{p.epochs} epochs")
+    print(f"phase {phase}: heads {model.active_heads}, {n_train:,} trainable params, lr {p.lr:g}, {plan} x "
+          f"{s.steps} steps" + (", weight EMA" if uses_ema(model.optimizer) else ""))
+    cbs = phase_callbacks(s, p, model)
+    if p.initial_epoch < p.fit_epochs:
+        model.fit(s.train_ds, validation_data=s.val_ds, epochs=p.fit_epochs, initial_epoch=p.initial_epoch,
+                  shuffle=False,  # the pipeline shuffles; Keras' flag only warns for tf.data
+                  callbacks=cbs.all, verbose=int(s.trainer.get("verbose", 1)), **s.fit_kwargs())
+    if cbs.divergence.diverged:
+        raise TrainingDiverged(phase, cbs.divergence.diverged, p.folder.checkpoints, p.lr)
+    metrics = evaluate_best(s, p)
+    metrics.update(unfreeze=unfreeze, seconds=round(time.monotonic() - p.start, 1), timing=cbs.timing.summary())
+    if cbs.budget is not None:
+        metrics["budget"] = cbs.budget.summary(cbs.budget.epochs_run + p.initial_epoch)
+        metrics["budget"]["elapsed_s"] = round(cbs.budget.elapsed(), 1)
+    if "class" in s.heads:
+        metrics["chance_accuracy"] = 1.0 / s.bundle.class_map.num_classes
+    record_phase(s, p, metrics)
+    return metrics
+
+
+def phase_model(s: Session, p: Phase, init_ckpt: Optional[Path]):
+    """The phase's model, compiled: resumed (optimizer state kept, a changed learning rate
+    applied), from ``init_ckpt``, or new; loss weights, unfreezing and frozen heads set."""
+    from .multitask import load_checkpoint
+    from .optim import make_optimizer, set_peak_learning_rate
+
+    with s.strategy.scope():
+        if p.resume_from is not None:
+            model = load_checkpoint(p.resume_from)
+            log.info("phase %s: resuming from %s at epoch %d", p.name, p.resume_from, p.state["epoch"])
+            print(f"phase {p.name}: resuming from {p.resume_from} at epoch {p.state['epoch']}")
+            if set_peak_learning_rate(model.optimizer, p.lr):
+                print(f"phase {p.name}: learning rate changed to {p.lr:g} for the rest of the schedule")
+        elif init_ckpt is not None:
+            model = load_checkpoint(init_ckpt)
+        else:
+            model = s.probe if p.name == s.phases[0] else build_model(s.model_cfg, s.bundle.class_map,
+                                                                      s.data_cfg["image_size"], s.train_recs)
+        if p.cfg.get("loss_weights"):
+            model.set_loss_weights(weights_for(p.cfg["loss_weights"], model.heads,
+                                               s.model_cfg.get("loss_weights")) or {})
+        model.train_metrics = str(s.trainer.get("train_metrics") or "light")
+        if model.train_metrics not in ("full", "light", "loss"):
+            raise ValueError(f"trainer.train_metrics must be full | light | loss, got {model.train_metrics!r}")
+        unfreeze = apply_unfreeze(model, s.model_cfg, p.cfg.get("unfreeze"))
+        model.freeze_inactive_heads()
+        num_classes = s.bundle.class_map.num_classes
+        if p.resume_from is None:
+            compile_model(model, make_optimizer(s.trainer, p.lr, s.steps * p.epochs, steps_per_epoch=s.steps),
+                          num_classes, s.jit)
+            # optimizer slots created now, not inside the first traced step (which would
+            # then be traced twice)
+            model.optimizer.build(model.trainable_variables)
+        else:
+            # keep the restored optimizer (its state and step count) but refresh the
+            # trainable set and metrics for this phase
+            compile_model(model, model.optimizer, num_classes, s.jit)
+    return model, unfreeze
+
+
+@dataclass
+class PhaseCallbacks:
+    all: list
+    divergence: Any
+    timing: Any
+    budget: Any = None
+
+
+def phase_callbacks(s: Session, p: Phase, model) -> PhaseCallbacks:
+    """The phase's callbacks in the order their ``on_epoch_end`` must run (see
+    :mod:`src.training.callbacks`): divergence first, checkpoints before the state file,
+    the CSV and trackers after everything that adds to the logs, the budget last."""
+    import keras
+
+    from ..runtime import process_started
+    from .budget import TimeBudget, load_budget_state
+    from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
+                            StepTimer, StopOnDivergence, repair_history)
+    from .optim import EMAValidation, schedule_of, uses_ema
+
+    monitor = s.trainer.get("monitor", "val_loss")
+    ph, resumed = p.folder, p.resume_from is not None
+    out = PhaseCallbacks(all=[], divergence=StopOnDivergence(),
+                         timing=StepTimer(int(s.data_cfg["batch_size"]),
+                                          since=process_started() if p.name == s.phases[0] else p.start))
+    out.all = [
+        out.divergence,
+        out.timing,
+        *([EMAValidation()] if uses_ema(model.optimizer) else []),
+        *([LogBalancerState()] if model.balancer.mode != "static" else []),
+        LogLearningRate(),
+        BestAndLastCheckpoint(ph.checkpoints, monitor=monitor, mode=_monitor_mode(monitor),
+                              initial_best=p.state.get("best") if resumed else None),
+        EpochStateCheckpoint(ph.state, monitor=monitor, phase=p.name),
+        keras.callbacks.CSVLogger(str(ph.history), append=resumed and repair_history(ph.history, p.state) > 0),
+        *s.tracker.keras_callbacks(prefix=f"phase{p.name}/"),
+    ]
+    patience = s.trainer.get("early_stopping_patience")
+    if patience and p.budget:
+        print(f"phase {p.name}: early stopping is off under a time budget (the schedule runs to its planned end; "
+              f"the best epoch is still kept by {monitor})")
+    elif patience:
+        out.all.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=_monitor_mode(monitor),
+                                                     patience=int(patience)))
+    if s.trainer.get("schedule") == "plateau":
+        out.all.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=_monitor_mode(monitor), factor=0.3,
+                                                         patience=2))
+    if p.budget:
+        spent = float(load_budget_state(ph.budget).get("elapsed_s") or 0.0) if resumed else 0.0
+        out.budget = TimeBudget(p.budget, s.steps, p.fit_epochs, schedule=schedule_of(model.optimizer),
+                                start=p.start, spent=spent, state_path=ph.budget, say=print)
+        out.all.append(out.budget)  # last: its epoch time includes the checkpoints
+    return out
+
+
+def evaluate_best(s: Session, p: Phase) -> dict:
+    """The validation metrics of the phase's best checkpoint (``last.keras`` if none)."""
+    from .multitask import load_checkpoint
+
+    best_path = p.folder.best if p.folder.best.is_file() else p.folder.last
+    best = load_checkpoint(best_path)
+    best.set_loss_weights(weights_for(p.cfg.get("loss_weights"), best.heads, s.model_cfg.get("loss_weights")) or {})
+    compile_model(best, None, s.bundle.class_map.num_classes, s.jit)
+    res = best.evaluate(s.val_ds, return_dict=True, verbose=0, steps=s.fit_kwargs()["validation_steps"])
+    return {"phase": p.name, "checkpoint": str(best_path), "val": {k: float(v) for k, v in res.items()},
+            "balancer": best.balancer.state()}
+
+
+def record_phase(s: Session, p: Phase, metrics: dict) -> None:
+    """``metrics.json``, learning curves and the tracker's copies of the phase's files."""
+    from .plots import plot_history
+
+    ph, tag = p.folder, f"phase{p.name}"
+    ph.metrics.write_text(json.dumps(metrics, indent=2))
+    s.tracker.log_metrics({f"{tag}/best_val_{k}": v for k, v in metrics["val"].items()})
+    s.tracker.log_artifact(ph.metrics, artifact_path=tag)
+    s.tracker.log_artifact(ph.history, artifact_path=tag)
+    model_name, data_name = s.names
+    curves = plot_history(ph.history, ph.path / "learning_curves.png",
+                          title=f"{model_name} on {data_name}, phase {p.name}")
+    if curves is not None:
+        s.tracker.log_artifact(curves, artifact_path=tag)
+    s.tracker.log_artifact(Path(metrics["checkpoint"]), artifact_path=f"{tag}/checkpoints")
+    print(f"phase {p.name}: validation " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items()))
