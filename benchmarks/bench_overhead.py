@@ -70,7 +70,7 @@ def bare_rate(name: str, size: int, batch: int, steps: int) -> dict:
     from src.losses import get_loss
     from src.models import create_model
     from src.training.callbacks import StepTimer
-    from src.training.multitask import RECON_HEADS, target_key
+    from src.heads import RECON_HEADS, target_key
 
     keras.mixed_precision.set_global_policy("float32")
     cfg = compose(_overrides(name, size, batch, steps, "/tmp"))

@@ -158,6 +158,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from ..heads import target_key
 from . import augment as aug
 from .records import NO_TUMOR, TUMOR, ClassMap, DataError, Record
 
@@ -605,8 +606,6 @@ def _resolve_heads(heads) -> set:
         return set(TARGET_KEYS)
     if isinstance(heads, str):
         heads = [heads]
-    from ..training.multitask import target_key
-
     out = set()
     for h in heads:
         h = target_key(h)  # mask_aux1 -> mask; recon -> x (the input itself)

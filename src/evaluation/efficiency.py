@@ -268,7 +268,7 @@ def inference_network(network):
     """``network`` without training-only auxiliary heads (``mask_aux1``, ...): what is exported."""
     import keras
 
-    from ..training.multitask import is_aux_head
+    from ..heads import is_aux_head
 
     outs = network.output
     if not isinstance(outs, dict) or not any(is_aux_head(h) for h in outs):

@@ -23,29 +23,9 @@ from typing import Mapping, Optional
 import keras
 from keras import ops
 
+from ..heads import ACCURACY_HEADS, BINARY_HEADS, RECON_HEADS, is_aux_head, target_key  # noqa: F401
 from ..losses import get_loss
 from ..losses.balancing import LossBalancer
-
-#: heads whose target is the input image itself
-RECON_HEADS = ("recon", "reconstruction")
-#: heads whose training batches report an accuracy under ``train_metrics=light``
-ACCURACY_HEADS = ("class", "multilabel", "tumor", "subtype")
-BINARY_HEADS = ("multilabel", "tumor")
-
-
-def target_key(head: str) -> str:
-    """The dataset target a head learns: ``mask_aux2`` -> ``mask``; ``recon`` -> ``x``."""
-    if head in RECON_HEADS:
-        return "x"
-    base, sep, tail = head.rpartition("_aux")
-    if sep and base and (tail == "" or tail.isdigit()):
-        return base
-    return head
-
-
-def is_aux_head(head: str) -> bool:
-    """Training-only auxiliary head (deep supervision): ``<target>_aux<k>``."""
-    return target_key(head) not in (head, "x")
 
 
 def _build_loss(spec):
