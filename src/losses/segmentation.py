@@ -1,6 +1,6 @@
 """Segmentation losses for binary (tumour / background) masks: Dice, focal, Dice + focal.
 
-Conventions (as every loss of :mod:`src.losses`, see :mod:`src.losses.box`):
+Conventions (as every loss of :mod:`src.losses`, see :mod:`src.losses.base`):
 
 * ``y_true``: ``[B, H, W, 1]`` 0/1 masks (any float dtype); ``y_pred``: ``[B, H, W, 1]``
   foreground *probabilities* (sigmoid outputs), or logits with ``from_logits=True``.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from .box import MaskedLoss
+from .base import MaskedLoss
 
 __all__ = ["DiceLoss", "BinaryFocalLoss", "DiceFocalLoss", "soft_dice"]
 

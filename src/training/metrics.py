@@ -1,10 +1,13 @@
-"""Training-time metrics per head (sparse-label wrappers Keras lacks)."""
+"""Training-time (compiled, graph) metrics per head: sparse-label wrappers Keras lacks,
+the mean box IoU and hard mask Dice / IoU. The evaluation metrics (numpy, on whole
+splits) are in :mod:`src.evaluation.metrics`."""
 from __future__ import annotations
 
 import keras
 from keras import ops
 
-from ..losses import BoxMeanIoU
+from ..losses.base import align_weights, check_choice, safe_divide
+from ..losses.box import BOX_MODES, box_iou
 
 
 def _one_hot(y_true, num_classes):
@@ -65,6 +68,49 @@ class SparseMacroF1(keras.metrics.F1Score):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes}
+
+
+# ---------------------------------------------------------------------------------------
+# boxes
+# ---------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="btmtl")
+class BoxMeanIoU(keras.metrics.Metric):
+    """Running weighted mean of the IoU (or GIoU/DIoU/CIoU) between true and predicted boxes.
+
+    ``update_state(y_true, y_pred, sample_weight)`` with ``[B, C, 4]`` boxes and ``[B, C]``
+    slot weights (or ``[B]`` per-sample weights); slots with weight 0 are ignored. The
+    result is ``sum(w * iou) / sum(w)`` over everything seen since the last reset, 0 when
+    nothing has been seen. State variables are float32.
+    """
+
+    def __init__(self, mode="iou", eps=1e-7, name="box_mean_iou", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.mode = check_choice(str(mode).lower(), BOX_MODES, "mode")
+        self.eps = float(eps)
+        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        iou = box_iou(y_true, y_pred, mode=self.mode, eps=self.eps)
+        if sample_weight is None:
+            weights = ops.ones_like(iou)
+        else:
+            weights = align_weights(sample_weight, iou)
+        iou = ops.where(weights != 0, iou, ops.zeros_like(iou))
+        self.total.assign_add(ops.sum(iou * weights))
+        self.count.assign_add(ops.sum(weights))
+
+    def result(self):
+        return safe_divide(ops.convert_to_tensor(self.total), ops.convert_to_tensor(self.count), 0.0)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mode": self.mode, "eps": self.eps})
+        return config
 
 
 # ---------------------------------------------------------------------------------------
