@@ -50,7 +50,7 @@ Methods: ``gradcam`` (channel weights = spatial mean of the gradients) and ``gra
 size and min-max normalised per image.
 
 Also here: :func:`cam_to_mask` (threshold / Otsu + largest connected component),
-:func:`dice` and :func:`overlay` / :func:`save_overlay` (jet colormap blended, PNG).
+:func:`dice` (the Dice of :func:`src.evaluation.metrics.dice_iou`) and :func:`overlay` / :func:`save_overlay` (jet colormap blended, PNG).
 """
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
+
+from .metrics import dice_iou
 
 METHODS = ("gradcam", "gradcam++")
 _SQUASH = ("softmax", "sigmoid")
@@ -562,13 +564,12 @@ def cam_to_mask(cam: np.ndarray, threshold: Union[float, str] = 0.5, largest_com
 
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """Foreground Dice of two binary masks (1.0 when both are empty)."""
-    p = np.asarray(pred).astype(bool).reshape(-1)
-    t = np.asarray(true).astype(bool).reshape(-1)
-    if p.shape != t.shape:
-        raise ValueError(f"mask shapes differ: {np.shape(pred)} vs {np.shape(true)}")
-    s = p.sum() + t.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(p, t).sum() / s)
+    """Foreground Dice of two binary masks (1.0 when both are empty).
+
+    Temporary alias for ``src.evaluation.metrics.dice_iou(pred, true)[0]`` (the one numpy
+    Dice), kept until :mod:`src.explain` calls that directly.
+    """
+    return dice_iou(pred, true)[0]
 
 
 def _to_uint8_rgb(image) -> np.ndarray:

@@ -24,7 +24,7 @@ import keras
 from .base import NORMALIZE_MODES, MaskedLoss, safe_divide
 from .box import BOX_MODES, BoxIoULoss, DenseBoxLoss, box_iou, pairwise_iou
 from .reconstruction import RECON_MODES, ReconstructionLoss
-from .segmentation import BinaryFocalLoss, DiceFocalLoss, DiceLoss, soft_dice
+from .segmentation import BinaryFocalLoss, DiceFocalLoss, DiceLoss, soft_dice, soft_iou
 from .classification import (
     CLASS_WEIGHT_MODES,
     MaskedSparseCategoricalCrossentropy,
@@ -51,6 +51,7 @@ __all__ = [
     "BinaryFocalLoss",
     "DiceFocalLoss",
     "soft_dice",
+    "soft_iou",
     "ReconstructionLoss",
     "get_loss",
     "register_loss",

@@ -8,6 +8,7 @@ from keras import ops
 
 from ..losses.base import align_weights, check_choice, safe_divide
 from ..losses.box import BOX_MODES, box_iou
+from ..losses.segmentation import soft_dice, soft_iou
 
 
 def _one_hot(y_true, num_classes):
@@ -127,22 +128,7 @@ def mask_overlap_per_image(y_true, y_pred, threshold: float = 0.5, include_backg
     """
     t = ops.cast(ops.cast(y_true, "float32") >= 0.5, "float32")
     p = ops.cast(ops.cast(y_pred, "float32") >= threshold, "float32")
-    axes = tuple(range(1, len(t.shape)))
-
-    def scores(a, b):
-        inter = ops.sum(a * b, axis=axes)
-        total = ops.sum(a, axis=axes) + ops.sum(b, axis=axes)
-        union = total - inter
-        empty = total == 0
-        dice = ops.where(empty, ops.ones_like(inter), 2.0 * inter / ops.where(empty, ops.ones_like(total), total))
-        iou = ops.where(empty, ops.ones_like(inter), inter / ops.where(empty, ops.ones_like(union), union))
-        return dice, iou
-
-    dice, iou = scores(t, p)
-    if include_background:
-        bg_dice, bg_iou = scores(1.0 - t, 1.0 - p)
-        dice, iou = 0.5 * (dice + bg_dice), 0.5 * (iou + bg_iou)
-    return dice, iou
+    return soft_dice(t, p, 0.0, include_background), soft_iou(t, p, 0.0, include_background)
 
 
 class _MaskOverlap(keras.metrics.Metric):
