@@ -7,7 +7,7 @@ Usage::
     res.cams                                   # [B, H, W] in [0, 1], at the input size
     GradCAM(model, layer="backbone/conv5_block3_out")(images, class_index=2, method="gradcam++")
 
-``model`` is a :class:`~src.training.multitask.MultiTaskModel` (its ``network`` is used)
+``model`` is a :class:`~src.models.task.MultiTaskModel` (its ``network`` is used)
 or a functional Keras model whose outputs are a dict keyed by head name.
 
 Nested backbones without "Graph disconnected"
@@ -50,7 +50,8 @@ Methods: ``gradcam`` (channel weights = spatial mean of the gradients) and ``gra
 size and min-max normalised per image.
 
 Also here: :func:`cam_to_mask` (threshold / Otsu + largest connected component),
-:func:`dice` (the Dice of :func:`src.evaluation.metrics.dice_iou`) and :func:`overlay` / :func:`save_overlay` (jet colormap blended, PNG).
+:func:`dice` (the Dice of :func:`src.evaluation.metrics.dice_iou`) and :func:`overlay` /
+:func:`save_overlay` (jet colormap blended, PNG).
 """
 from __future__ import annotations
 
