@@ -50,7 +50,7 @@ def _is_checkpoint(spec: str) -> bool:
 def _checkpoint_extractor(path: str):
     import keras
 
-    from ..training.multitask import load_checkpoint
+    from ..models.task import load_checkpoint
 
     model = load_checkpoint(os.path.expanduser(path))
     net = getattr(model, "network", model)

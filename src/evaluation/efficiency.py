@@ -281,12 +281,9 @@ def build(model_cfg: dict, image_size, num_classes: int = 4, inference: bool = T
     """A registered model from a ``model`` config (losses/phases ignored, ``weights=None``);
     ``inference``: without auxiliary heads, as exported."""
     from ..models import create_model
+    from ..models.task import split_model_config
 
-    cfg = dict(model_cfg)
-    name = cfg.pop("name")
-    for key in ("losses", "phases", "balancing", "ema_beta", "loss_weights", "preprocessing", "class_weighting",
-                "published_image_size"):
-        cfg.pop(key, None)
+    name, cfg, _ = split_model_config(model_cfg)
     if "weights" in cfg:
         cfg["weights"] = None  # random weights measure the same and need no download
     network = create_model(name, num_classes=num_classes, image_size=image_size, **cfg)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from src.models import create_model
 from src.models.efficient_mtnet import NMF2D, context_block, nmf, nmf_init_coef, nmf_reconstruction, nmf_update
-from src.training.multitask import MultiTaskModel
+from src.models.task import MultiTaskModel
 
 # a few thousand parameters: builds and steps in about a second on a CPU
 TINY = dict(ltd_channels=(8, 8, 8), widths=(8, 12, 16), blocks=(1, 1, 1), expansion=2, neck_channels=16,

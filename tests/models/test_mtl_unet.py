@@ -12,7 +12,7 @@ from src.losses import get_loss
 from src.models import create_model
 from src.models.mtl_unet import ComposeFourClass, four_class_prediction
 from src.training.engine import train
-from src.training.multitask import MultiTaskModel, load_checkpoint
+from src.models.task import MultiTaskModel, load_checkpoint
 
 CLASSES = ["glioma", "meningioma", "pituitary", "no_tumor"]
 TINY = dict(num_classes=4, image_size=32, widths=[4, 4, 8, 8, 8], latent_dim=8, class_names=CLASSES)

@@ -4,8 +4,9 @@ import pytest
 import tensorflow as tf
 import keras
 
+from src.heads import target_key
 from src.models import create_model, list_models
-from src.training.multitask import MultiTaskModel, load_checkpoint, target_key
+from src.models.task import MultiTaskModel, load_checkpoint
 
 # one loss per target; auxiliary heads (``mask_aux1``) use their target's loss
 LOSSES = {"class": "ce", "multilabel": "bce", "boxes": "giou", "mask": "dice_focal", "tumor": "bce",
