@@ -46,7 +46,7 @@ Every level's producer is at or before the application's final layer, and P5 is 
 application's output, so the backbone holds *all* the application's weights: a Keras
 ImageNet ``*_notop.h5`` file loads into it exactly.
 
-Stages (for ``src.training.unfreeze``; every layer belongs to exactly one, in order):
+Stages (for :mod:`src.models.unfreeze`; every layer belongs to exactly one, in order):
 resnet: conv1..conv5 (``pool1_*`` -> conv1, ``post_*`` -> conv5); vgg16: block1..block5;
 mobilenet_v2 / mobilenet_v3 / efficientnet_b0: stem, block1..blockN, top (blocks grouped
 as in the papers' stage tables: mobilenet_v2 and efficientnet_b0 have block1..block7,
@@ -91,6 +91,8 @@ from typing import Any, Callable
 
 import keras
 from keras import layers
+
+from .unfreeze import set_trainable
 
 log = logging.getLogger(__name__)
 
@@ -667,7 +669,7 @@ def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, t
             Sizes that are multiples of 32 give exact strides.
         weights: None (random init), "imagenet" (download or cache) or a weights file path.
         trainable: True (all trainable), False (all frozen) or an unfreeze spec for
-            :func:`src.training.unfreeze.set_trainable` (e.g. ``{"from_stage": "conv4"}``).
+            :func:`src.models.unfreeze.set_trainable` (e.g. ``{"from_stage": "conv4"}``).
         cache_dir: where ImageNet files are cached (``<cache_dir>/models``); default
             ``$KERAS_HOME`` or ``~/.keras``.
         download_timeout: seconds to wait for the weights server before giving up.
@@ -700,7 +702,5 @@ def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, t
         log.info("backbone %s: loaded weights from %s", name, weights_path)
 
     if trainable is not True and trainable is not None:
-        from ..training.unfreeze import set_trainable
-
         set_trainable(backbone, {"mode": "none"} if trainable is False else trainable)
     return backbone

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from src.models.backbones import create_backbone
-from src.training.unfreeze import count_params, parse_spec, set_trainable
+from src.models.unfreeze import count_params, parse_spec, set_trainable
 
 SIZE = 32
 MOVING = ("moving_mean", "moving_variance")
@@ -94,9 +94,9 @@ def test_bn_trainable_false_freezes_every_batchnorm(resnet):
 
 
 def test_logs_one_line(resnet, caplog):
-    with caplog.at_level(logging.INFO, logger="src.training.unfreeze"):
+    with caplog.at_level(logging.INFO, logger="src.models.unfreeze"):
         s = set_trainable(resnet, {"fraction": 0.3})
-    lines = [r.getMessage() for r in caplog.records if r.name == "src.training.unfreeze"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "src.models.unfreeze"]
     assert len(lines) == 1
     assert re.match(rf"unfreeze: 32/106 layers, {s['trainable_params']} trainable params", lines[0])
 
