@@ -92,12 +92,12 @@ def _backbone_extractor(name: str, weights, size: int, cache_dir: Optional[str])
         msg = msg.replace("model.weights", "curate.embedding_weights")
         raise WeightsUnavailableError(
             msg + "\n  - or embed with a trained checkpoint: curate.embeddings=/path/to/best.keras") from None
-    deepest = sorted(bb.model.output)[-1]  # P5
+    deepest = sorted(bb.output)[-1]  # P5
     pool = keras.layers.GlobalAveragePooling2D()
     mode = bb.preprocessing
 
     def fn(x):
-        return pool(bb.model(preprocess_images(x, mode), training=False)[deepest])
+        return pool(bb(preprocess_images(x, mode), training=False)[deepest])
 
     if weights is None:
         log.warning("embeddings from %s with random weights (curate.embedding_weights=null): a smoke test, "

@@ -1,9 +1,9 @@
 """Backbones: ``keras.applications`` networks as named feature pyramids.
 
 ``create_backbone(name, input_shape, weights, trainable)`` returns a :class:`Backbone`: a
-functional ``keras.Model`` (``backbone.model``) built directly on the application's own
-layers, whose output is a dict of feature maps keyed by level, plus the metadata the rest
-of the library needs (stages for freezing, preprocessing mode, channels per level).
+functional ``keras.Model`` built directly on the application's own layers, whose output is
+a dict of feature maps keyed by level, carrying the metadata the rest of the library needs
+(stages for freezing, preprocessing mode, channels per level) and saved with it.
 
 Levels and the layers that give them (``Pk`` has stride ``2**k``; the rule: the last
 layer computed at that resolution, i.e. just before the next down-sampling; channels in
@@ -389,83 +389,82 @@ def _producer(tensor):
 # ---------------------------------------------------------------------------------------
 # Backbone
 # ---------------------------------------------------------------------------------------
-class Backbone:
-    """A feature extractor: ``model`` (functional, outputs ``{level: feature map}``) + metadata.
+@keras.saving.register_keras_serializable(package="btmtl")
+class Backbone(keras.Model):
+    """A feature extractor: a functional ``keras.Model`` from the image to
+    ``{"P2": ..., "P5": ...}``, with the metadata the rest of the library needs.
+
+    It is a real Keras model (a Functional subclass, registered as ``btmtl>Backbone``): it
+    is called, saved and loaded like any model, nested in a network or on its own, and its
+    layers are the application's own layers, addressable by name (Grad-CAM, freezing). Its
+    config is the functional graph (so per-layer ``trainable`` flags and dtype policies
+    survive save/load) plus ``architecture`` and ``weights_source``; everything else is
+    derived from those and the graph.
 
     Attributes:
-        name: architecture name (a key of :data:`SPECS`).
-        model: ``keras.Model`` from the image input to ``{"P2": ..., "P5": ...}``; its layers
-            are the application's own layers, addressable by name (Grad-CAM, freezing).
+        architecture: architecture name (a key of :data:`SPECS`); the Keras ``name`` is the
+            layer name (``<architecture>_backbone``, or ``backbone`` inside a network).
         levels: the level names present, in stride order.
         level_layers: level -> name of the operation producing that feature map.
         feature_strides / feature_channels: level -> stride / channels.
         stage_names: stages in order; ``layer_stages``: layer name -> stage (every leaf
             layer, nested models' layers included, and every operation of the graph).
-        preprocessing: "caffe" | "tf" | "none" (applied by the pipeline to [0, 1] images).
+        preprocessing: the input scaling it expects, a mode of
+            :data:`src.models.layers.PREPROCESS_MODES` applied to [0, 1] images by a
+            :class:`~src.models.layers.Preprocess` layer in front of it.
         weights_source: what the weights came from (None, "imagenet" or the file path).
+        image_shape: ``(height, width, channels)`` of its input.
     """
 
-    def __init__(self, name: str, model: keras.Model, *, input_shape, weights_source=None):
-        self.spec = get_spec(name)
-        self.name = name
-        self.model = model
-        self.input_shape = tuple(input_shape)
+    def __init__(self, inputs, outputs, name=None, *, architecture: str | None = None, weights_source=None,
+                 **kwargs):
+        if isinstance(inputs, str):
+            # TEMPORARY: the signature before Backbone was a keras.Model, still called by
+            # src/training/engine.py: Backbone(architecture, functional, input_shape=...) ->
+            # a view sharing the functional's layers. Use as_backbone() instead.
+            architecture, model = inputs, outputs
+            kwargs.pop("input_shape", None)
+            inputs, outputs, name = model.input, model.output, name or model.name
+        if architecture is None:
+            raise ValueError("Backbone needs architecture=<name> (one of list_backbones())")
+        spec = get_spec(architecture)
+        super().__init__(inputs=inputs, outputs=outputs, name=name or f"{architecture}_backbone", **kwargs)
+        self.architecture = architecture
         self.weights_source = weights_source
-        outputs = model.output
-        self.levels = [lvl for lvl in LEVELS if lvl in outputs]
-        self.level_layers = {lvl: _producer(outputs[lvl]).name for lvl in self.levels}
+        out = self.output
+        self.levels = [lvl for lvl in LEVELS if lvl in out]
+        self.level_layers = {lvl: _producer(out[lvl]).name for lvl in self.levels}
         self.feature_strides = {lvl: LEVEL_STRIDES[lvl] for lvl in self.levels}
-        self.feature_channels = {lvl: int(outputs[lvl].shape[-1]) for lvl in self.levels}
-        self.preprocessing = self.spec.preprocessing
-        self.builtin_preprocessing = self.spec.builtin_preprocessing
-        self.stage_names = list(self.spec.stages)
-        self.layer_stages = self._assign_stages()
-
-    # -- keras-like conveniences ------------------------------------------------------
-    def __call__(self, x, training=None):
-        return self.model(x, training=training)
+        self.feature_channels = {lvl: int(out[lvl].shape[-1]) for lvl in self.levels}
+        self.preprocessing = spec.preprocessing
+        self.stage_names = list(spec.stages)
+        self.layer_stages = self._assign_stages(spec)
 
     @property
-    def input(self):
-        return self.model.input
-
-    @property
-    def inputs(self):
-        return self.model.inputs
-
-    @property
-    def output(self):
-        return self.model.output
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def get_layer(self, name: str):
-        return self.model.get_layer(name)
+    def image_shape(self) -> tuple:
+        return tuple(self.input.shape[1:])
 
     def get_config(self) -> dict:
-        return {"name": self.name, "input_shape": list(self.input_shape),
-                "weights": self.weights_source}
+        return {**super().get_config(), "architecture": self.architecture, "weights_source": self.weights_source}
 
     def __repr__(self) -> str:
         levels = ", ".join(f"{lvl}:{self.feature_channels[lvl]}@/{self.feature_strides[lvl]}"
                            for lvl in self.levels)
-        return (f"Backbone({self.name!r}, input_shape={self.input_shape}, {levels}, "
+        return (f"Backbone({self.architecture!r}, name={self.name!r}, image_shape={self.image_shape}, {levels}, "
                 f"weights={self.weights_source!r})")
 
     # -- stages -----------------------------------------------------------------------
-    def _assign_stages(self) -> dict[str, str]:
+    def _assign_stages(self, spec: BackboneSpec) -> dict[str, str]:
         order = {s: i for i, s in enumerate(self.stage_names)}
         first = self.stage_names[0]
         stages: dict[str, str] = {}
-        for op in self.model.operations:
-            stage = self.spec.stage_rule(op.name)
+        for op in self.operations:
+            stage = spec.stage_rule(op.name)
             if stage is None:
                 parents = [stages[p.name] for p in _parent_ops(op) if p.name in stages]
                 stage = max(parents, key=order.__getitem__) if parents else first
             if stage not in order:  # a rule returned a stage the spec does not list
-                raise RuntimeError(f"{self.name}: layer {op.name!r} mapped to unknown stage {stage!r}")
+                raise RuntimeError(f"{self.architecture}: layer {op.name!r} mapped to unknown stage {stage!r}")
             stages[op.name] = stage
             if _is_container(op):
                 for leaf in _leaves(op):
@@ -475,7 +474,7 @@ class Backbone:
     def leaf_layers(self) -> list:
         """Every layer in topological order, nested models flattened into their layers."""
         out = []
-        for layer in self.model.layers:
+        for layer in self.layers:
             out.extend(_leaves(layer))
         return out
 
@@ -485,8 +484,20 @@ class Backbone:
 
     def stage_layers(self, stage: str) -> list:
         if stage not in self.stage_names:
-            raise ValueError(f"{self.name} has no stage {stage!r}; stages: {self.stage_names}")
+            raise ValueError(f"{self.architecture} has no stage {stage!r}; stages: {self.stage_names}")
         return [lyr for lyr in self.leaf_layers() if self.layer_stages[lyr.name] == stage]
+
+
+def as_backbone(model: keras.Model, architecture: str | None = None) -> Backbone:
+    """``model`` itself when it is a :class:`Backbone`; else a Backbone view of a plain
+    functional feature model (the nested ``backbone`` of checkpoints saved before Backbone
+    was a Keras model) that shares its layers, so freezing the view freezes the model.
+    ``architecture`` is needed for the view only."""
+    if isinstance(model, Backbone):
+        return model
+    if not architecture:
+        raise ValueError(f"{model.name!r} is a plain functional model: as_backbone needs its architecture name")
+    return Backbone(model.input, model.output, name=model.name, architecture=architecture)
 
 
 # ---------------------------------------------------------------------------------------
@@ -552,10 +563,10 @@ def _level_tensor(app: keras.Model, where: str):
     return app.get_layer(where).output
 
 
-def _feature_model(spec: BackboneSpec, app: keras.Model) -> keras.Model:
+def _feature_model(spec: BackboneSpec, app: keras.Model, name: str | None, weights_source) -> Backbone:
     outputs = {lvl: _level_tensor(app, spec.levels[lvl]) for lvl in LEVELS if lvl in spec.levels}
     inputs = app.inputs[0] if len(app.inputs) == 1 else app.inputs
-    return keras.Model(inputs, outputs, name=f"{spec.name}_backbone")
+    return Backbone(inputs, outputs, name=name, architecture=spec.name, weights_source=weights_source)
 
 
 # ---------------------------------------------------------------------------------------
@@ -635,8 +646,8 @@ def fetch_imagenet_weights(name: str, input_shape=(224, 224, 3), *, cache_dir: s
 
 def load_weights_file(backbone: Backbone | keras.Model, path, *, name: str | None = None) -> None:
     """Load a weights file exactly, or raise :class:`WeightsMismatchError` naming the file."""
-    model = backbone.model if isinstance(backbone, Backbone) else backbone
-    name = name or getattr(backbone, "name", model.name)
+    model = backbone
+    name = name or getattr(backbone, "architecture", model.name)
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -659,8 +670,8 @@ def load_weights_file(backbone: Backbone | keras.Model, path, *, name: str | Non
 
 
 def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, trainable: Any = True, *,
-                    cache_dir: str | None = None,
-                    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) -> Backbone:
+                    cache_dir: str | None = None, download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+                    model_name: str | None = None) -> Backbone:
     """Build a named backbone (see the module docstring for levels, stages and weights).
 
     Args:
@@ -673,6 +684,8 @@ def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, t
         cache_dir: where ImageNet files are cached (``<cache_dir>/models``); default
             ``$KERAS_HOME`` or ``~/.keras``.
         download_timeout: seconds to wait for the weights server before giving up.
+        model_name: the Keras name of the model (default ``<name>_backbone``; the
+            architectures of :mod:`src.models` nest it as ``backbone``).
     """
     spec = get_spec(name)
     shape = _normalise_shape(input_shape, spec)
@@ -695,8 +708,7 @@ def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, t
                 f"of an existing weights file)")
 
     app = _build_app(spec, shape)
-    backbone = Backbone(name, _feature_model(spec, app), input_shape=shape,
-                        weights_source=None if weights is None else str(weights))
+    backbone = _feature_model(spec, app, model_name, None if weights is None else str(weights))
     if weights_path is not None:
         load_weights_file(backbone, weights_path)
         log.info("backbone %s: loaded weights from %s", name, weights_path)

@@ -26,11 +26,10 @@ def _shape(image_size) -> tuple:
 
 def _backbone_features(backbone: str, image_size, weights):
     shape = _shape(image_size)
-    bb = create_backbone(backbone, shape, weights=weights)
-    bb.model.name = "backbone"
+    bb = create_backbone(backbone, shape, weights=weights, model_name="backbone")
     inputs = keras.Input(shape, name="image")
     x = Preprocess(bb.preprocessing, name="preprocess")(inputs)
-    feats = bb.model(x)
+    feats = bb(x)
     return inputs, feats, bb
 
 

@@ -58,9 +58,8 @@ def _containers(model) -> list:
 def count_params(model) -> dict:
     """``{"trainable", "non_trainable", "total"}`` parameter counts (shared variables once).
 
-    Accepts a keras Model or Layer, or anything with a ``.model`` (a Backbone).
+    Accepts a keras Model or Layer (a :class:`~src.models.backbones.Backbone` is one).
     """
-    model = getattr(model, "model", model)
     trainable_ids = {id(v) for v in model.trainable_weights}
     seen: set[int] = set()
     counts = {"trainable": 0, "non_trainable": 0}
@@ -132,13 +131,12 @@ def set_trainable(backbone, spec: Any) -> dict:
         "non_trainable_params", "first_trainable_layer"}`` (layers = learnable layers).
     """
     mode, arg, bn_trainable = parse_spec(spec)
-    model = getattr(backbone, "model", backbone)
     # reset: the model and nested models stay trainable containers, their leaf layers decide
     # (a Functional model's `trainable` setter does not reach its layers)
-    model.trainable = True
-    for container in _containers(model):
+    backbone.trainable = True
+    for container in _containers(backbone):
         container.trainable = True
-    leaves = backbone.leaf_layers() if hasattr(backbone, "leaf_layers") else _leaf_layers(model)
+    leaves = backbone.leaf_layers() if hasattr(backbone, "leaf_layers") else _leaf_layers(backbone)
     for layer in leaves:
         layer.trainable = True
     learnable = [i for i, layer in enumerate(leaves) if layer.trainable_weights]
@@ -158,7 +156,7 @@ def set_trainable(backbone, spec: Any) -> dict:
         if stage_names is None:
             raise ValueError("unfreeze from_stage needs a Backbone (with stage names), not a plain model")
         if arg not in stage_names:
-            raise ValueError(f"unknown stage {arg!r} for backbone {backbone.name}; stages: {stage_names}")
+            raise ValueError(f"unknown stage {arg!r} for backbone {backbone.architecture}; stages: {stage_names}")
         first = stage_names.index(arg)
         order = {s: i for i, s in enumerate(stage_names)}
         flags = [order[backbone.stage_of(layer)] >= first for layer in leaves]
@@ -169,7 +167,7 @@ def set_trainable(backbone, spec: Any) -> dict:
         layer.trainable = flag
 
     trainable_idx = [i for i in learnable if flags[i]]
-    params = count_params(model)
+    params = count_params(backbone)
     summary = {
         "mode": mode if arg is None else f"{mode}={arg}",
         "trainable_layers": len(trainable_idx),
