@@ -82,7 +82,7 @@ def bare_rate(name: str, size: int, batch: int, steps: int) -> dict:
     net = create_model(registry_name, num_classes=bundle.class_map.num_classes, image_size=size,
                        class_names=list(bundle.class_map.classes), **kw)
     heads = [h for h in net.output if h in model_cfg["losses"]]
-    data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "preprocessing": "none", "seed": 0, "repeat": True}
+    data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "seed": 0, "repeat": True}
     ds = build_dataset(records, bundle.class_map, data_cfg, training=True, heads=heads)
     batches = list(ds.take(steps).as_numpy_iterator())
 

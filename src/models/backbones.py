@@ -55,12 +55,16 @@ stem, stage_0..stage_3 (a stage owns the down-sampling block in front of it; the
 LayerNormalization belongs to stage_3). Input and input-scaling layers belong to the first
 stage; auto-named layers (activations, merges) belong to the stage of their input.
 
-Preprocessing (``backbone.preprocessing``; the data pipeline applies it to [0, 1] images):
-``caffe`` for resnet50 / resnet101 / vgg16 (RGB->BGR, x*255 minus the ImageNet mean),
-``tf`` for resnet50v2 / mobilenet_v2 ([-1, 1]), ``none`` for mobilenet_v3 / efficientnet /
-convnext: these applications contain their own preprocessing layers that expect [0, 255]
-pixels, so the backbone starts with a ``Rescaling(255)`` layer (``<name>_pixels_to_255``)
-and takes [0, 1] images like every ``none`` model of this library.
+Preprocessing (``backbone.preprocessing``, a mode of :data:`src.models.layers.PREPROCESS_MODES`,
+applied to [0, 1] images by the :class:`~src.models.layers.Preprocess` layer the
+architectures put in front of the backbone; the backbone itself takes what the
+``keras.applications`` network takes): ``caffe`` for resnet50 / resnet101 / vgg16 (RGB->BGR,
+x*255 minus the ImageNet mean), ``tf`` for resnet50v2 / mobilenet_v2 ([-1, 1]), ``raw255``
+for mobilenet_v3 / efficientnet / convnext (these applications contain their own
+preprocessing layers, which expect raw [0, 255] pixels: their ``preprocess_input`` is the
+identity). Checkpoints saved before ``raw255`` existed hold those backbones with a
+``Rescaling(255)`` first layer and ``Preprocess("none")`` in front: they load and predict
+as before.
 
 EfficientNet: Keras inserts an extra ``Rescaling(1/sqrt(std))`` after its Normalization
 layer only when built with ``weights="imagenet"`` (keras issue 49930). The backbone always
@@ -98,7 +102,6 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("P2", "P3", "P4", "P5")
 LEVEL_STRIDES = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
-PREPROCESSING_MODES = ("caffe", "tf", "none")
 DEFAULT_DOWNLOAD_TIMEOUT = 15.0
 
 
@@ -275,14 +278,15 @@ def _convnext_stage(prefix: str) -> Callable[[str], str | None]:
 class BackboneSpec:
     """How to build one architecture and read its levels and stages.
 
-    ``levels`` values: ``"layer"`` = the output of that layer, ``"input:layer"`` = the
-    tensor feeding that layer, ``"output"`` = the application's output.
+    ``preprocessing``: the input scaling the application expects, a mode of
+    :data:`src.models.layers.PREPROCESS_MODES`. ``levels`` values: ``"layer"`` = the output
+    of that layer, ``"input:layer"`` = the tensor feeding that layer, ``"output"`` = the
+    application's output.
     """
 
     name: str
     app: str
     preprocessing: str
-    builtin_preprocessing: bool
     levels: Mapping[str, str]
     stages: tuple[str, ...]
     stage_rule: Callable[[str], str | None]
@@ -293,42 +297,42 @@ class BackboneSpec:
 _RESNET_STAGES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
-    BackboneSpec("resnet50", "ResNet50", "caffe", False,
+    BackboneSpec("resnet50", "ResNet50", "caffe",
                  {"P2": "conv2_block3_out", "P3": "conv3_block4_out", "P4": "conv4_block6_out",
                   "P5": "conv5_block3_out"},
                  _RESNET_STAGES, _resnet_stage, _resnet_file("resnet50")),
-    BackboneSpec("resnet101", "ResNet101", "caffe", False,
+    BackboneSpec("resnet101", "ResNet101", "caffe",
                  {"P2": "conv2_block3_out", "P3": "conv3_block4_out", "P4": "conv4_block23_out",
                   "P5": "conv5_block3_out"},
                  _RESNET_STAGES, _resnet_stage, _resnet_file("resnet101")),
-    BackboneSpec("resnet50v2", "ResNet50V2", "tf", False,
+    BackboneSpec("resnet50v2", "ResNet50V2", "tf",
                  {"P2": "conv2_block3_preact_relu", "P3": "conv3_block4_preact_relu",
                   "P4": "conv4_block6_preact_relu", "P5": "post_relu"},
                  _RESNET_STAGES, _resnet_stage, _resnet_file("resnet50v2")),
-    BackboneSpec("mobilenet_v2", "MobileNetV2", "tf", False,
+    BackboneSpec("mobilenet_v2", "MobileNetV2", "tf",
                  {"P2": "block_3_expand_relu", "P3": "block_6_expand_relu", "P4": "block_13_expand_relu",
                   "P5": "out_relu"},
                  ("stem", *sorted(set(_MBV2_GROUPS.values())), "top"), _mobilenet_v2_stage,
                  _mobilenet_v2_file),
-    BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", "none", True,
+    BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", "raw255",
                  {"P2": "input:expanded_conv_1_depthwise_pad", "P3": "input:expanded_conv_3_depthwise_pad",
                   "P4": "input:expanded_conv_8_depthwise_pad", "P5": "output"},
                  ("stem", *sorted(set(_MBV3_SMALL_GROUPS.values())), "top"),
                  _mobilenet_v3_stage(_MBV3_SMALL_GROUPS), _mobilenet_v3_file("small")),
-    BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", "none", True,
+    BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", "raw255",
                  {"P2": "input:expanded_conv_3_depthwise_pad", "P3": "input:expanded_conv_6_depthwise_pad",
                   "P4": "input:expanded_conv_12_depthwise_pad", "P5": "output"},
                  ("stem", *sorted(set(_MBV3_LARGE_GROUPS.values())), "top"),
                  _mobilenet_v3_stage(_MBV3_LARGE_GROUPS), _mobilenet_v3_file("large")),
-    BackboneSpec("efficientnet_b0", "EfficientNetB0", "none", True,
+    BackboneSpec("efficientnet_b0", "EfficientNetB0", "raw255",
                  {"P2": "block3a_expand_activation", "P3": "block4a_expand_activation",
                   "P4": "block6a_expand_activation", "P5": "top_activation"},
                  ("stem", *(f"block{i}" for i in range(1, 8)), "top"), _efficientnet_stage,
                  _efficientnet_file("b0")),
-    BackboneSpec("vgg16", "VGG16", "caffe", False,
+    BackboneSpec("vgg16", "VGG16", "caffe",
                  {"P2": "block3_conv3", "P3": "block4_conv3", "P4": "block5_conv3", "P5": "block5_pool"},
                  tuple(f"block{i}" for i in range(1, 6)), _vgg_stage, _vgg16_file),
-    BackboneSpec("convnext_tiny", "ConvNeXtTiny", "none", True,
+    BackboneSpec("convnext_tiny", "ConvNeXtTiny", "raw255",
                  {"P2": "input:convnext_tiny_downsampling_block_0",
                   "P3": "input:convnext_tiny_downsampling_block_1",
                   "P4": "input:convnext_tiny_downsampling_block_2", "P5": "output"},
@@ -521,10 +525,7 @@ def _normalise_shape(input_shape, spec: BackboneSpec) -> tuple:
 def _build_app(spec: BackboneSpec, input_shape: tuple) -> keras.Model:
     """The application without top on an input named ``image`` (random weights)."""
     inputs = keras.Input(shape=input_shape, name="image")
-    x = inputs
-    if spec.builtin_preprocessing:
-        x = layers.Rescaling(255.0, name=f"{spec.name}_pixels_to_255")(x)
-    app = getattr(keras.applications, spec.app)(include_top=False, weights=None, input_tensor=x,
+    app = getattr(keras.applications, spec.app)(include_top=False, weights=None, input_tensor=inputs,
                                                  input_shape=input_shape)
     if spec.name.startswith("efficientnet"):
         app = _with_imagenet_stem(app)

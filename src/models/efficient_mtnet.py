@@ -341,7 +341,8 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
         attention_channels: query/key/value width of ``attention``.
         class_hidden, dropout: class head (GAP -> class_hidden -> dropout -> classes).
         seg_dropout: dropout before the 1x1 classifiers of the mask heads.
-        input_scaling: in-model scaling of the [0, 1] input (``tf``: x*2-1).
+        input_scaling: in-model scaling of the [0, 1] input, a mode of
+            :data:`src.models.layers.PREPROCESS_MODES` (``tf``: x*2-1).
     """
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     heads = resolve_heads(heads, aux)

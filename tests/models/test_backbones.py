@@ -35,6 +35,7 @@ from src.models.backbones import (
     list_backbones,
     preprocessing_for,
 )
+from src.models.layers import PREPROCESS_MODES, Preprocess
 from src.models.unfreeze import set_trainable
 
 SIZE = 64
@@ -55,8 +56,8 @@ EXPECTED_CHANNELS = {
 EXPECTED_PREPROCESSING = {
     "resnet50": "caffe", "resnet101": "caffe", "vgg16": "caffe",
     "resnet50v2": "tf", "mobilenet_v2": "tf",
-    "mobilenet_v3_small": "none", "mobilenet_v3_large": "none", "efficientnet_b0": "none",
-    "convnext_tiny": "none",
+    "mobilenet_v3_small": "raw255", "mobilenet_v3_large": "raw255", "efficientnet_b0": "raw255",
+    "convnext_tiny": "raw255",
 }
 KERAS_MODULE = {
     "resnet50": "resnet", "resnet101": "resnet", "resnet50v2": "resnet_v2", "mobilenet_v2": "mobilenet_v2",
@@ -150,25 +151,24 @@ def test_stage_names_cover_all_layers_in_order(built, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_preprocessing_mode_matches_keras(built, name):
-    from keras.src.applications import imagenet_utils
+    """Preprocess(bb.preprocessing) on [0, 1] images == the application's preprocess_input on
+    [0, 255] pixels (the identity for the networks that normalise inside: raw255), and the
+    backbone starts with the application's own layers (no extra input scaling)."""
     import importlib
 
     bb = built(name)
     assert bb.preprocessing == EXPECTED_PREPROCESSING[name] == preprocessing_for(name)
     mod = importlib.import_module(f"keras.src.applications.{KERAS_MODULE[name]}")
-    x = np.random.default_rng(1).uniform(0, 255, (1, 8, 8, 3)).astype("float32")
-    got = np.asarray(mod.preprocess_input(x.copy()))
-    if bb.preprocessing == "none":
-        # keras' preprocess_input is a pass-through: the network has its own input layers, which
-        # expect [0, 255]; the backbone takes [0, 1] and scales first
-        np.testing.assert_array_equal(got, x)
-        first = bb.layers[1]
-        assert isinstance(first, keras.layers.Rescaling) and first.name.endswith("pixels_to_255")
-        assert float(np.asarray(first.scale)) == 255.0
-    else:
-        want = np.asarray(imagenet_utils.preprocess_input(x.copy(), mode=bb.preprocessing))
-        np.testing.assert_allclose(got, want, rtol=1e-6)
-        assert not any(isinstance(lyr, keras.layers.Rescaling) for lyr in bb.layers)
+    x01 = np.random.default_rng(1).random((1, 8, 8, 3), dtype=np.float32)
+    want = np.asarray(mod.preprocess_input(x01 * 255.0))
+    got = np.asarray(Preprocess(bb.preprocessing)(x01))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert not any(isinstance(lyr, keras.layers.Rescaling) and lyr.name.endswith("pixels_to_255")
+                   for lyr in bb.layers)
+
+
+def test_every_spec_uses_the_one_preprocessing_vocabulary():
+    assert {spec.preprocessing for spec in SPECS.values()} <= set(PREPROCESS_MODES)
 
 
 def test_layers_addressable_for_gradcam(built):
@@ -357,8 +357,8 @@ def test_imagenet_downloads_verifies_caches_and_loads(tmp_path, monkeypatch, no_
         assert [r for r in requests if r[0] == "GET"] == [("GET", f"/{fname}")]
     cached = cache / "models" / fname
     assert cached.is_file() and hashlib.md5(cached.read_bytes()).hexdigest() == md5
-    # the backbone is exactly the keras application with these weights, fed [0, 255] pixels
-    np.testing.assert_allclose(np.asarray(bb(x)["P5"]), np.asarray(app(x * 255.0)), rtol=1e-5, atol=1e-5)
+    # the backbone is exactly the keras application with these weights (both fed [0, 255] pixels)
+    np.testing.assert_allclose(np.asarray(bb(x * 255.0)["P5"]), np.asarray(app(x * 255.0)), rtol=1e-5, atol=1e-5)
     assert bb.weights_source == "imagenet"
     # server gone: the cached file is used without any network access
     again = create_backbone("mobilenet_v3_small", (SIZE, SIZE, 3), weights="imagenet", cache_dir=str(cache))
@@ -449,4 +449,4 @@ def test_efficientnet_equals_keras_imagenet_graph(built, tmp_path, monkeypatch):
     monkeypatch.setitem(efficientnet.WEIGHTS_HASHES, "b0", (efficientnet.WEIGHTS_HASHES["b0"][0], md5))
     ref = keras.applications.EfficientNetB0(include_top=False, weights="imagenet", input_shape=shape)
     x = np.random.default_rng(4).random((2, *shape), dtype=np.float32)
-    np.testing.assert_allclose(np.asarray(bb(x)["P5"]), np.asarray(ref(x * 255.0)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(bb(x * 255.0)["P5"]), np.asarray(ref(x * 255.0)), rtol=1e-4, atol=1e-4)
