@@ -322,7 +322,7 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
                     ham_channels: int = 64, ham_rank: int = 16, ham_steps: int = 6, ham_eval_steps: int = 7,
                     ham_seed: int = 0, attention_channels: int = 32, class_hidden: int = 64,
                     dropout: float = 0.1, seg_dropout: float = 0.1, bn_momentum: float = 0.9,
-                    input_scaling: str = "tf", **_ignored) -> keras.Model:
+                    input_scaling: str = "tf") -> keras.Model:
     """Build EfficientMTNet (see the module docstring).
 
     Args:
