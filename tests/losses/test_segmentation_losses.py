@@ -106,7 +106,14 @@ def test_all_weights_zero_gives_zero_and_finite_gradient():
         value = DiceFocalLoss()(t, var, sample_weight=np.zeros(4, np.float32))
     g = tape.gradient(value, var)
     assert float(value) == 0.0
-    assert g is None or np.all(np.isfinite(g.numpy()))
+    assert g is not None, "no gradient path from the loss to the predictions"
+    assert np.all(np.isfinite(g.numpy())) and not np.any(g.numpy())  # it flows, finite and exactly 0
+    # one known mask: that image gets a (finite, non-zero) gradient, the others exactly 0
+    with tf.GradientTape() as tape:
+        value = DiceFocalLoss()(t, var, sample_weight=np.array([0, 1, 0, 0], np.float32))
+    g = tape.gradient(value, var).numpy()
+    assert np.isfinite(float(value)) and np.all(np.isfinite(g))
+    assert np.abs(g[1]).max() > 0 and not np.any(g[[0, 2, 3]])
 
 
 def test_masked_samples_do_not_count():
