@@ -11,8 +11,9 @@ exactly the keys of its signature (``**kwargs`` is refused when it is registered
 key and the allowed ones, so a misspelt ``model.dropuot`` in a YAML file or a
 ``+model.dropuot=0.5`` on the command line is an error, not a silently ignored setting.
 Model-config keys that belong to the task, not to the network (losses, phases, ...), are
-:data:`src.models.task.TASK_KEYS`: callers split them off first
-(:func:`src.models.task.split_model_config`).
+:data:`src.models.task.TASK_KEYS`: they are not given to the builder (callers may split
+them off first with :func:`src.models.task.split_model_config`, or pass the whole config),
+and a misspelt one is reported like any other unknown key.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import difflib
 import importlib
 import inspect
 from typing import Callable
+
+from .task import TASK_KEYS
 
 _MODELS: dict[str, Callable] = {}
 _MODULES = ("small_cnn", "detector", "mtl_unet", "efficient_mtnet")
@@ -70,20 +73,22 @@ def builder_keys(name: str) -> list[str]:
 def create_model(name: str, **cfg):
     """Build the registered model ``name`` from its config keys and the data keys.
 
-    Raises :class:`ModelConfigError` (a ValueError) naming every key the builder does not
-    take, e.g. ``model.dropuot: unknown key for model small_cnn (did you mean dropout?);
-    allowed: box_channels, ..., widths``.
+    ``cfg`` may hold the task's keys (:data:`~src.models.task.TASK_KEYS`): the builder does
+    not get them. Raises :class:`ModelConfigError` (a ValueError) naming every other key the
+    builder does not take, e.g. ``model.dropuot (did you mean dropout?): unknown key for
+    model small_cnn; allowed: bn_momentum, ..., widths (and the task's: losses, ...)``.
     """
     fn = _builder(name)
     params = inspect.signature(fn).parameters
-    cfg = {k: v for k, v in cfg.items() if k in params or k not in DATA_KEYS}
+    cfg = {k: v for k, v in cfg.items() if k in params or k not in (*DATA_KEYS, *TASK_KEYS)}
     unknown = [k for k in cfg if k not in params]
     if unknown:
         allowed = builder_keys(name)
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(k, allowed, n=1, cutoff=0.7)
+            close = difflib.get_close_matches(k, [*allowed, *TASK_KEYS], n=1, cutoff=0.8)
             hints.append(f"model.{k}" + (f" (did you mean {close[0]}?)" if close else ""))
         what = "unknown key" if len(unknown) == 1 else "unknown keys"
-        raise ModelConfigError(f"{', '.join(hints)}: {what} for model {name}; allowed: {', '.join(allowed)}")
+        raise ModelConfigError(f"{', '.join(hints)}: {what} for model {name}; allowed: {', '.join(allowed)} "
+                               f"(and the task's: {', '.join(k for k in TASK_KEYS if k != 'name')})")
     return fn(**cfg)

@@ -42,7 +42,8 @@ __all__ = ["MultiTaskModel", "load_checkpoint", "TASK_KEYS", "split_model_config
 #: ``balancing``, ``ema_beta``, ``class_weighting``: weighted-BCE weights from the
 #: training labels), the training schedule (``phases``), the 4-class decision threshold
 #: of evaluation / prediction (``threshold``) and the input size of the efficiency
-#: benchmark (``published_image_size``).
+#: benchmark (``published_image_size``). :func:`src.models.create_model` never gives them to
+#: a builder.
 TASK_KEYS = ("name", "losses", "loss_weights", "balancing", "ema_beta", "class_weighting", "phases", "threshold",
              "published_image_size")
 

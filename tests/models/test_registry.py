@@ -102,6 +102,10 @@ def test_unknown_key_names_it_the_closest_key_and_the_allowed_ones():
     # the data keys reach only the builders that take them
     net = create_model("small_cnn", num_classes=2, image_size=32, class_names=["a", "b"], widths=(4, 8))
     assert tuple(net.output["class"].shape) == (None, 2)
+    # the task's keys are not the builder's, and a misspelt one is caught too
+    create_model("small_cnn", image_size=32, widths=(4, 8), losses={"class": "ce"}, threshold=0.5)
+    with pytest.raises(ModelConfigError, match=r"model\.los_weights \(did you mean loss_weights\?\)"):
+        create_model("small_cnn", los_weights={})
 
 
 def test_builders_with_kwargs_are_refused():
