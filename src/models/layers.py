@@ -36,7 +36,10 @@ class Preprocess(layers.Layer):
         if self.mode == "none":
             return x
         if self.mode == "raw255":
-            return x * 255.0
+            # "+ 0": the two operations of Keras' Rescaling(255), which the backbone held before
+            # raw255 existed; without it TensorFlow's graph optimiser folds x * 255 into the
+            # application's own first Rescaling, and training differs in the last float digit
+            return x * 255.0 + 0.0
         if self.mode == "tf":
             return x * 2.0 - 1.0
         if self.mode == "torch":
