@@ -67,22 +67,22 @@ def bare_rate(name: str, size: int, batch: int, steps: int) -> dict:
     from src.config import compose
     from src.data.dataset import load_data
     from src.data.pipeline import build_dataset
+    from src.heads import RECON_HEADS, target_key
     from src.losses import get_loss
     from src.models import create_model
+    from src.models.task import split_model_config
     from src.training.callbacks import StepTimer
-    from src.training.multitask import RECON_HEADS, target_key
 
     keras.mixed_precision.set_global_policy("float32")
     cfg = compose(_overrides(name, size, batch, steps, "/tmp"))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     bundle = load_data(cfg.data, cache_dir=cfg.paths.cache_dir)
     records = bundle.split("train")
-    kw = {k: v for k, v in model_cfg.items() if k not in ("name", "losses", "phases", "balancing", "ema_beta",
-                                                          "loss_weights", "preprocessing", "class_weighting")}
-    net = create_model(model_cfg["name"], num_classes=bundle.class_map.num_classes, image_size=size,
+    registry_name, kw, _ = split_model_config(model_cfg)
+    net = create_model(registry_name, num_classes=bundle.class_map.num_classes, image_size=size,
                        class_names=list(bundle.class_map.classes), **kw)
     heads = [h for h in net.output if h in model_cfg["losses"]]
-    data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "preprocessing": "none", "seed": 0, "repeat": True}
+    data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "seed": 0, "repeat": True}
     ds = build_dataset(records, bundle.class_map, data_cfg, training=True, heads=heads)
     batches = list(ds.take(steps).as_numpy_iterator())
 

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         return 2
     records = figshare_records(root, 640 if args.quick else None)
     cm = ClassMap(["glioma", "meningioma", "pituitary"])
-    base = {"image_size": 256, "batch_size": 32, "seed": 0, "deterministic": False, "preprocessing": "none",
+    base = {"image_size": 256, "batch_size": 32, "seed": 0, "deterministic": False,
             "mask_cache_dir": None, "cache": False}
     default_aug = {"hflip": 0.5, "rotate_deg": 10, "scale": 0.1, "shift": 0.05, "brightness": 0.1, "contrast": 0.1}
     no_affine = {**default_aug, "rotate_deg": 0, "scale": 0, "shift": 0}

@@ -28,7 +28,7 @@ def _small_cnn_with_aux():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run folder as the engine writes it: run_info.json + phase<N>/checkpoints/best.keras."""
-    from src.training.multitask import MultiTaskModel
+    from src.models.task import MultiTaskModel
 
     run = tmp_path_factory.mktemp("run")
     model = MultiTaskModel(_small_cnn_with_aux(), {"class": "ce", "boxes": "giou"}, name="small_cnn")

@@ -50,7 +50,7 @@ def _is_checkpoint(spec: str) -> bool:
 def _checkpoint_extractor(path: str):
     import keras
 
-    from ..training.multitask import load_checkpoint
+    from ..models.task import load_checkpoint
 
     model = load_checkpoint(os.path.expanduser(path))
     net = getattr(model, "network", model)
@@ -79,8 +79,8 @@ def _checkpoint_extractor(path: str):
 def _backbone_extractor(name: str, weights, size: int, cache_dir: Optional[str]):
     import keras
 
-    from ..data.pipeline import preprocess_images
     from ..models.backbones import WeightsUnavailableError, create_backbone
+    from ..models.layers import Preprocess
 
     if isinstance(weights, str) and weights.strip().lower() in ("", "none", "null"):
         weights = None
@@ -92,12 +92,12 @@ def _backbone_extractor(name: str, weights, size: int, cache_dir: Optional[str])
         msg = msg.replace("model.weights", "curate.embedding_weights")
         raise WeightsUnavailableError(
             msg + "\n  - or embed with a trained checkpoint: curate.embeddings=/path/to/best.keras") from None
-    deepest = sorted(bb.model.output)[-1]  # P5
+    deepest = sorted(bb.output)[-1]  # P5
     pool = keras.layers.GlobalAveragePooling2D()
-    mode = bb.preprocessing
+    scale = Preprocess(bb.preprocessing)
 
     def fn(x):
-        return pool(bb.model(preprocess_images(x, mode), training=False)[deepest])
+        return pool(bb(scale(x), training=False)[deepest])
 
     if weights is None:
         log.warning("embeddings from %s with random weights (curate.embedding_weights=null): a smoke test, "

@@ -28,7 +28,7 @@ What happens, in order
    (bilinear), mask (nearest) and boxes; flips alone take an exact cheap path; packed
    masks are warped straight from their crops, only where they can land:
    :class:`PackedMasks`), conversion to float ``[0, 1]``, photometric augmentation
-   (Keras layers), backbone preprocessing (grey broadcast to 3 channels on the way),
+   (Keras layers), grey broadcast to 3 channels,
    targets and weights (gathered from per-record tables by record index).
 
 Targets and sample weights (dicts with the same keys; ``B`` batch, ``C`` =
@@ -65,7 +65,9 @@ key                    target                     weight       weight is 1 when
 =====================  =========================  ===========  ==================================
 
 An unknown target is never a negative: it gets weight 0. ``x`` is float32
-``[B, H, W, 3]``; a reconstruction head uses ``x`` itself (no ``image`` target).
+``[B, H, W, 3]`` in ``[0, 1]``, whatever the model: a network scales its own inputs (its
+``Preprocess`` layer, :data:`src.models.layers.PREPROCESS_MODES`), so there is no
+``data.preprocessing``. A reconstruction head uses ``x`` itself (no ``image`` target).
 
 Config keys (``cfg``: a dict or an OmegaConf node; other keys are ignored)
 -------------------------------------------------------------------------
@@ -96,12 +98,6 @@ Config keys (``cfg``: a dict or an OmegaConf node; other keys are ignored)
                                With ``xla`` / ``tf`` packed masks are also expanded by TF
                                ops (no Python in the graph at all; slower), in training
                                and evaluation datasets alike.
-``preprocessing`` (``none``)   ``none`` (``[0, 1]``), ``caffe``/``imagenet_caffe``,
-                               ``torch``, ``tf``, ``raw255`` (``[0, 255]``, for models that
-                               normalise inside), or a ``keras.applications`` module /
-                               model name (``resnet``, ``resnet50``, ``resnet_v2``,
-                               ``mobilenet_v2``, ``efficientnet``, ``densenet``, ...); see
-                               :func:`resolve_preprocessing`.
 ``max_boxes`` (None)           padding of ``boxes_all``; None = most boxes on one record.
 ``seed`` (None)                shuffling and augmentation seed (None: random).
 ``drop_remainder`` (False)
@@ -122,9 +118,8 @@ Config keys (``cfg``: a dict or an OmegaConf node; other keys are ignored)
                                (then broadcast to 3 at the end: cheaper), else 3.
 ``dct_scaling`` (True)         decode JPEGs at 1/2, 1/4, 1/8 scale when that is still at
                                least the target size.
-``backbone`` (None)            backbone name, used only by ``preprocessing: auto``.
 ``xla`` (True)                 compile the per-batch image work (flips, float conversion,
-                               photometric augmentation, preprocessing, grey -> 3
+                               photometric augmentation, grey -> 3
                                channels) with XLA: one fused kernel instead of many memory
                                passes (2-5x cheaper on CPU; ~1-2 s of compilation per
                                batch shape, shared by datasets with the same settings).
@@ -158,6 +153,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from ..heads import target_key
 from . import augment as aug
 from .records import NO_TUMOR, TUMOR, ClassMap, DataError, Record
 
@@ -170,7 +166,6 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "shuffle_buffer": None,
     "cache": "auto",
     "augment": {},
-    "preprocessing": "none",
     "max_boxes": None,
     "seed": None,
     "drop_remainder": False,
@@ -181,7 +176,6 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "mask_cache_dir": None,
     "channels": "auto",
     "dct_scaling": True,
-    "backbone": None,
     "xla": True,
     "sampling": "natural",
 }
@@ -197,88 +191,36 @@ CACHE_AUTO_FRACTION = 0.25
 _MAP_FN_PARALLEL = 8  # decodes in flight inside one batch call (tf.map_fn parallel_iterations)
 
 # ---------------------------------------------------------------------------------------
-# backbone preprocessing
+# images are [0, 1]: the model scales them (no data.preprocessing)
 # ---------------------------------------------------------------------------------------
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
-PREPROCESSING_MODES = ("none", "caffe", "torch", "tf", "raw255")
-_PREPROCESSING_ALIASES = {
-    "none": "none", "identity": "none", "unit": "none", "0_1": "none",
-    "caffe": "caffe", "imagenet_caffe": "caffe",
-    "torch": "torch", "imagenet_torch": "torch",
-    "tf": "tf", "imagenet_tf": "tf", "minus_one_one": "tf",
-    "raw255": "raw255", "0_255": "raw255",
-    # keras.applications modules (their preprocess_input)
-    "resnet": "caffe", "resnet50": "caffe", "vgg16": "caffe", "vgg19": "caffe",
-    "resnet_v2": "tf", "mobilenet": "tf", "mobilenet_v2": "tf", "inception_v3": "tf",
-    "inception_resnet_v2": "tf", "xception": "tf", "nasnet": "tf",
-    "densenet": "torch",
-    "efficientnet": "raw255", "efficientnet_v2": "raw255", "convnext": "raw255",
-    "mobilenet_v3": "raw255", "regnet": "raw255", "resnet_rs": "raw255",
-}
-# model names -> module (checked in order, on the normalised name)
-_MODEL_PREFIXES = (
-    ("resnet_rs", "raw255"), ("resnetrs", "raw255"),
-    ("resnet50v2", "tf"), ("resnet101v2", "tf"), ("resnet152v2", "tf"),
-    ("resnet50_v2", "tf"), ("resnet101_v2", "tf"), ("resnet152_v2", "tf"),
-    ("resnet", "caffe"), ("vgg", "caffe"), ("densenet", "torch"),
-    ("efficientnet", "raw255"), ("convnext", "raw255"), ("regnet", "raw255"),
-    ("mobilenet_v3", "raw255"), ("mobilenetv3", "raw255"),
-    ("mobilenet", "tf"), ("inception", "tf"), ("xception", "tf"), ("nasnet", "tf"),
-)
+_NO_PREPROCESSING = ("auto", "none")
 
 
-def resolve_preprocessing(name: Optional[str], backbone: Optional[str] = None) -> str:
-    """Preprocessing mode (one of :data:`PREPROCESSING_MODES`) for a config value.
-
-    ``auto`` takes the mode of ``backbone`` (a keras.applications module or model name);
-    without a backbone it is an error (the caller must know which backbone it feeds).
-    """
-    key = "none" if name in (None, False) else str(name).strip().lower().replace("-", "_")
-    if key == "auto":
-        if not backbone:
-            raise ValueError("data.preprocessing=auto needs the backbone name: pass cfg backbone=<name> "
-                             "(e.g. resnet101) or set data.preprocessing explicitly")
-        return resolve_preprocessing(backbone)
-    if key in _PREPROCESSING_ALIASES:
-        return _PREPROCESSING_ALIASES[key]
-    for prefix, mode in _MODEL_PREFIXES:
-        if key.startswith(prefix):
-            return mode
-    raise ValueError(f"unknown data.preprocessing {name!r}: use one of {list(PREPROCESSING_MODES)} "
-                     f"or a keras.applications module name ({sorted(k for k in _PREPROCESSING_ALIASES if k not in PREPROCESSING_MODES)})")
+def _check_no_preprocessing(value) -> None:
+    """``data.preprocessing`` is gone: the pipeline always yields [0, 1] RGB images and the
+    network scales them itself (its ``Preprocess`` layer: the backbone's mode in
+    ``src.models.backbones.SPECS``, ``model.input_scaling`` for efficient_mtnet). ``auto`` and
+    ``none`` (which mean exactly that) are accepted while callers still set them."""
+    if value in (None, False) or str(value).strip().lower() in _NO_PREPROCESSING:
+        return
+    raise ValueError(f"data.preprocessing={value!r} is no longer a data setting: the pipeline always yields [0, 1] "
+                     "images and the model scales its own inputs (the backbone's preprocessing in "
+                     "src/models/backbones.py, or model.input_scaling for efficient_mtnet); remove data.preprocessing")
 
 
-def _preprocessing_affine(mode: str):
-    """(scale[3], offset[3], reverse_channels) with out_c = x_(rev)c * scale_c + offset_c."""
-    if mode == "none":
-        return (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), False
-    if mode == "raw255":
-        return (255.0,) * 3, (0.0,) * 3, False
-    if mode == "tf":
-        return (2.0,) * 3, (-1.0,) * 3, False
-    if mode == "torch":
-        return tuple(1.0 / s for s in _TORCH_STD), tuple(-m / s for m, s in zip(_TORCH_MEAN, _TORCH_STD)), False
-    if mode == "caffe":
-        return (255.0,) * 3, tuple(-m for m in _CAFFE_MEAN_BGR), True
-    raise ValueError(mode)
+def resolve_preprocessing(name=None, backbone=None) -> str:
+    """TEMPORARY (until ``src/evaluate.py`` stops calling it): the pipeline's images are
+    always [0, 1], so this is ``"none"``; any other ``data.preprocessing`` raises."""
+    _check_no_preprocessing(name)
+    return "none"
 
 
-def preprocess_images(x01, mode: str):
-    """Backbone preprocessing of float images in ``[0, 1]`` (``[..., 1]`` or ``[..., 3]``).
-
-    Vectorised: one multiply-add per channel (grey input is broadcast to 3 channels by
-    the same op). Matches ``keras.applications.<module>.preprocess_input(255 * x01)``.
-    """
-    mode = resolve_preprocessing(mode)
-    scale, offset, rev = _preprocessing_affine(mode)
+def _to_rgb(x01):
+    """Grey ``[..., 1]`` images broadcast to 3 channels (a multiply, cheaper in XLA than TF's
+    inner-dimension broadcast); RGB unchanged."""
     if x01.shape[-1] == 3:
-        if mode == "none":
-            return x01
-        if rev:
-            x01 = tf.reverse(x01, axis=[-1])
-    return x01 * tf.constant(scale, x01.dtype) + tf.constant(offset, x01.dtype)
+        return x01
+    return x01 * tf.ones((3,), x01.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,6 +242,7 @@ def _to_plain(cfg) -> dict:
 def pipeline_config(cfg) -> dict:
     """Defaults merged with ``cfg`` (a dict or OmegaConf node), validated."""
     user = _to_plain(cfg)
+    _check_no_preprocessing(user.pop("preprocessing", None))
     out = dict(PIPELINE_DEFAULTS)
     for k, v in user.items():
         if k in PIPELINE_DEFAULTS:
@@ -335,7 +278,6 @@ def pipeline_config(cfg) -> dict:
     npc = out["num_parallel_calls"]
     out["num_parallel_calls"] = tf.data.AUTOTUNE if npc in ("auto", None, -1, "AUTOTUNE") else int(npc)
     out["augment"] = aug.augment_config(out["augment"] or {}) if out["augment"] is not None else None
-    out["preprocessing"] = resolve_preprocessing(out["preprocessing"], out["backbone"])
     return out
 
 
@@ -605,8 +547,6 @@ def _resolve_heads(heads) -> set:
         return set(TARGET_KEYS)
     if isinstance(heads, str):
         heads = [heads]
-    from ..training.multitask import target_key
-
     out = set()
     for h in heads:
         h = target_key(h)  # mask_aux1 -> mask; recon -> x (the input itself)
@@ -885,7 +825,7 @@ def _hashable(v):
 
 
 @functools.lru_cache(maxsize=64)
-def _image_function(do_flips: bool, photo_key: tuple, channels: int, mode: str, xla: bool):
+def _image_function(do_flips: bool, photo_key: tuple, channels: int, xla: bool):
     """The per-batch image work as one (XLA-compiled) function, memoised per settings so
     that datasets built with the same settings share the compiled kernels."""
     photo_cfg = aug.augment_config(dict(photo_key)) if photo_key else None
@@ -901,7 +841,7 @@ def _image_function(do_flips: bool, photo_key: tuple, channels: int, mode: str, 
         x = tf.cast(x, tf.float32) * (1.0 / 255.0)
         if layers or noise_std > 0:
             x = aug.apply_photometric(x, layers, s, noise_std=noise_std, noise_prob=noise_prob)
-        x = preprocess_images(x, mode)
+        x = _to_rgb(x)
         return x, (None if masks is None else tf.cast(masks, tf.float32))
 
     return tf.function(image_fn, jit_compile=xla, reduce_retracing=True)
@@ -1034,14 +974,13 @@ def _make_dataset(plan: PipelinePlan) -> tf.data.Dataset:
     noise_std = float(augc["noise_std"]) if augc else 0.0
     random_needed = do_affine or do_flips or bool(photo) or noise_std > 0
     base_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
-    mode = cfg["preprocessing"]
     if random_needed:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=base_seed, rerandomize_each_iteration=True)))
     else:
         ds = ds.map(lambda bt: (bt, tf.constant(0, tf.int64)))
 
     photo_key = tuple((k, _hashable(augc[k])) for k in _PHOTO_KEYS) if (photo or noise_std > 0) else ()
-    image_fn = _image_function(do_flips, photo_key, C, mode, bool(cfg["xla"]))
+    image_fn = _image_function(do_flips, photo_key, C, bool(cfg["xla"]))
 
     tconst = {k: tf.constant(v) for k, v in plan.targets.items()}
 

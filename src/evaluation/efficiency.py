@@ -268,7 +268,7 @@ def inference_network(network):
     """``network`` without training-only auxiliary heads (``mask_aux1``, ...): what is exported."""
     import keras
 
-    from ..training.multitask import is_aux_head
+    from ..heads import is_aux_head
 
     outs = network.output
     if not isinstance(outs, dict) or not any(is_aux_head(h) for h in outs):
@@ -281,12 +281,9 @@ def build(model_cfg: dict, image_size, num_classes: int = 4, inference: bool = T
     """A registered model from a ``model`` config (losses/phases ignored, ``weights=None``);
     ``inference``: without auxiliary heads, as exported."""
     from ..models import create_model
+    from ..models.task import split_model_config
 
-    cfg = dict(model_cfg)
-    name = cfg.pop("name")
-    for key in ("losses", "phases", "balancing", "ema_beta", "loss_weights", "preprocessing", "class_weighting",
-                "published_image_size"):
-        cfg.pop(key, None)
+    name, cfg, _ = split_model_config(model_cfg)
     if "weights" in cfg:
         cfg["weights"] = None  # random weights measure the same and need no download
     network = create_model(name, num_classes=num_classes, image_size=image_size, **cfg)

@@ -7,7 +7,7 @@ Usage::
     res.cams                                   # [B, H, W] in [0, 1], at the input size
     GradCAM(model, layer="backbone/conv5_block3_out")(images, class_index=2, method="gradcam++")
 
-``model`` is a :class:`~src.training.multitask.MultiTaskModel` (its ``network`` is used)
+``model`` is a :class:`~src.models.task.MultiTaskModel` (its ``network`` is used)
 or a functional Keras model whose outputs are a dict keyed by head name.
 
 Nested backbones without "Graph disconnected"
@@ -50,7 +50,8 @@ Methods: ``gradcam`` (channel weights = spatial mean of the gradients) and ``gra
 size and min-max normalised per image.
 
 Also here: :func:`cam_to_mask` (threshold / Otsu + largest connected component),
-:func:`dice` and :func:`overlay` / :func:`save_overlay` (jet colormap blended, PNG).
+:func:`dice` (the Dice of :func:`src.evaluation.metrics.dice_iou`) and :func:`overlay` /
+:func:`save_overlay` (jet colormap blended, PNG).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ import keras
 import numpy as np
 
 from ..inference import fit_text_scale
+from .metrics import dice_iou
 
 METHODS = ("gradcam", "gradcam++")
 _SQUASH = ("softmax", "sigmoid")
@@ -564,13 +566,12 @@ def cam_to_mask(cam: np.ndarray, threshold: Union[float, str] = 0.5, largest_com
 
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """Foreground Dice of two binary masks (1.0 when both are empty)."""
-    p = np.asarray(pred).astype(bool).reshape(-1)
-    t = np.asarray(true).astype(bool).reshape(-1)
-    if p.shape != t.shape:
-        raise ValueError(f"mask shapes differ: {np.shape(pred)} vs {np.shape(true)}")
-    s = p.sum() + t.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(p, t).sum() / s)
+    """Foreground Dice of two binary masks (1.0 when both are empty).
+
+    Temporary alias for ``src.evaluation.metrics.dice_iou(pred, true)[0]`` (the one numpy
+    Dice), kept until :mod:`src.explain` calls that directly.
+    """
+    return dice_iou(pred, true)[0]
 
 
 def _to_uint8_rgb(image) -> np.ndarray:

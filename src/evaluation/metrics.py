@@ -399,9 +399,15 @@ def compose_tumor_subtype(p_tumor, subtype_probs, class_names: Sequence[str], tu
 # masks
 # ---------------------------------------------------------------------------------------
 def dice_iou(pred, true) -> tuple[float, float]:
-    """Foreground Dice and IoU of two binary masks (both empty: 1, 1)."""
+    """Foreground Dice and IoU of two binary masks of one shape (both empty: 1, 1).
+
+    The one numpy Dice of the library (Grad-CAM pseudo-masks use it too); the graph one
+    is :func:`src.losses.segmentation.soft_dice`.
+    """
     a = np.asarray(pred, bool)
     b = np.asarray(true, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
     inter = float(np.logical_and(a, b).sum())
     sa, sb = float(a.sum()), float(b.sum())
     if sa + sb == 0:

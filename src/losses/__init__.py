@@ -1,9 +1,11 @@
-"""Losses: box IoU family, class-weighted BCE, sparse focal / cross-entropy, and a factory.
+"""Losses: a masked-loss base, the box IoU family, class-weighted BCE, focal / cross-entropy,
+Dice / focal for masks, reconstruction, loss balancing, and a factory.
 
 Every loss here computes in float32, takes masks as sample weights (0 = unknown target)
 and by default reduces with a *masked mean* (``normalize="weights"``:
 ``sum(w * l) / sum(w)``, exactly 0 with a zero gradient when all weights are 0); see
-:mod:`src.losses.box` for the full reduction semantics.
+:mod:`src.losses.base` for the full reduction semantics (:class:`MaskedLoss`, the base
+of every loss here). The box metric ``BoxMeanIoU`` is a metric: :mod:`src.training.metrics`.
 
 ``get_loss(name, **kwargs)`` turns a config name into a loss instance::
 
@@ -19,19 +21,10 @@ from typing import Callable, Dict
 
 import keras
 
-from .box import (
-    BOX_MODES,
-    NORMALIZE_MODES,
-    BoxIoULoss,
-    BoxMeanIoU,
-    DenseBoxLoss,
-    MaskedLoss,
-    box_iou,
-    pairwise_iou,
-    safe_divide,
-)
+from .base import NORMALIZE_MODES, MaskedLoss, safe_divide
+from .box import BOX_MODES, BoxIoULoss, DenseBoxLoss, box_iou, pairwise_iou
 from .reconstruction import RECON_MODES, ReconstructionLoss
-from .segmentation import BinaryFocalLoss, DiceFocalLoss, DiceLoss, soft_dice
+from .segmentation import BinaryFocalLoss, DiceFocalLoss, DiceLoss, soft_dice, soft_iou
 from .classification import (
     CLASS_WEIGHT_MODES,
     MaskedSparseCategoricalCrossentropy,
@@ -46,7 +39,6 @@ __all__ = [
     "CLASS_WEIGHT_MODES",
     "MaskedLoss",
     "BoxIoULoss",
-    "BoxMeanIoU",
     "DenseBoxLoss",
     "box_iou",
     "pairwise_iou",
@@ -59,6 +51,7 @@ __all__ = [
     "BinaryFocalLoss",
     "DiceFocalLoss",
     "soft_dice",
+    "soft_iou",
     "ReconstructionLoss",
     "get_loss",
     "register_loss",

@@ -1,4 +1,4 @@
-"""Box losses of the IoU family (IoU, GIoU, DIoU, CIoU), pure IoU functions and a box metric.
+"""Box losses of the IoU family (IoU, GIoU, DIoU, CIoU), pure IoU functions and the dense box loss.
 
 Conventions
 -----------
@@ -13,21 +13,9 @@ Conventions
   too small *before* dividing), so neither the value nor the gradient can become NaN/inf
   for degenerate (zero-area) boxes.
 
-Reduction semantics (:class:`MaskedLoss`)
------------------------------------------
-Keras' ``"sum_over_batch_size"`` divides the weighted sum by the number of elements,
-so masked-out slots dilute the loss. Our losses take ``normalize``:
-
-* ``normalize="weights"`` (default): *masked mean*, ``sum(w * l) / sum(w)``; a batch
-  whose weights are all 0 gives exactly 0 and a zero (finite) gradient.
-* ``normalize="batch"``: the plain Keras behaviour, ``sum(w * l) / number of elements``.
-
-``normalize`` only changes the averaging reductions (``"sum_over_batch_size"``,
-``"mean"``); ``reduction="sum"`` returns the weighted sum and ``reduction="none"``/``None``
-the weighted per-element values. ``reduction="mean_with_sample_weight"`` always divides
-by the sum of weights (safely). As with Keras' own losses, the mean is scaled by
-``1 / num_replicas`` under a ``tf.distribute`` strategy, so with several replicas the
-result is the mean of the per-replica masked means.
+Every loss here is a :class:`~src.losses.base.MaskedLoss` (masked-mean reduction, see
+:mod:`src.losses.base`). The box metric (:class:`BoxMeanIoU`) lives with the training
+metrics in :mod:`src.training.metrics`.
 """
 from __future__ import annotations
 
@@ -36,150 +24,19 @@ import math
 import keras
 from keras import ops
 
+from .base import MaskedLoss, check_choice, safe_divide
+
 __all__ = [
     "BOX_MODES",
-    "NORMALIZE_MODES",
-    "MaskedLoss",
     "BoxIoULoss",
-    "BoxMeanIoU",
     "DenseBoxLoss",
     "cell_centres",
     "dense_boxes",
     "box_iou",
     "pairwise_iou",
-    "safe_divide",
 ]
 
 BOX_MODES = ("iou", "giou", "diou", "ciou")
-NORMALIZE_MODES = ("weights", "batch")
-_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-
-
-# --------------------------------------------------------------------------- helpers
-def safe_divide(num, den, eps: float = 0.0):
-    """``num / den`` where ``den > eps``, else 0 -- with finite gradients everywhere.
-
-    "Double where": the denominator is replaced by 1 where it is too small *before* the
-    division, so the unused branch never produces inf/NaN that a zero upstream gradient
-    would turn into NaN (``0 * inf = NaN``).
-    """
-    ok = den > eps
-    safe_den = ops.where(ok, den, ops.ones_like(den))
-    return ops.where(ok, num / safe_den, ops.zeros_like(num))
-
-
-def _scale_for_distribution(value):
-    """Scale a per-replica mean by ``1 / num_replicas`` as Keras does for its own losses."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
-            value = value * ops.cast(1.0 / replicas, value.dtype)
-    return value
-
-
-def _align_weights(weights, values):
-    """Cast ``weights`` to float32 and broadcast them to the shape of ``values``.
-
-    ``[B]`` weights with ``[B, C]`` values apply to whole rows; ``[..., 1]`` weights are
-    squeezed when the values have one dimension less.
-    """
-    w = ops.cast(weights, "float32")
-    v_rank, w_rank = len(values.shape), len(w.shape)
-    if w_rank == v_rank + 1 and w.shape[-1] == 1:
-        w = ops.squeeze(w, axis=-1)
-        w_rank -= 1
-    if w_rank > v_rank:
-        raise ValueError(f"sample_weight of shape {tuple(w.shape)} does not fit the per-element losses of "
-                         f"shape {tuple(values.shape)} (per-slot [B, C] for boxes, per-sample [B] otherwise)")
-    while w_rank < v_rank:
-        w = ops.expand_dims(w, axis=-1)
-        w_rank += 1
-    return ops.broadcast_to(w, ops.shape(values))
-
-
-def _zero_where_masked(x, weights):
-    """``x`` with the entries whose weight is 0 replaced by 0.
-
-    ``weights`` (``[B]``, ``[B, C]``, ...) is broadcast over the trailing dimensions of
-    ``x`` (``[B, C, 4]`` boxes, ``[B, K]`` scores); when it has more dimensions than ``x``
-    (e.g. ``[B, 1]`` weights with ``[B]`` integer labels) ``x`` is returned unchanged.
-    """
-    w = ops.convert_to_tensor(weights)
-    w_rank, x_rank = len(w.shape), len(x.shape)
-    if w_rank > x_rank:
-        return x
-    keep = w != 0
-    for _ in range(x_rank - w_rank):
-        keep = ops.expand_dims(keep, -1)
-    return ops.where(keep, x, ops.zeros_like(x))
-
-
-def _check_choice(value, allowed, what):
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
-    return value
-
-
-# --------------------------------------------------------------------------- base loss
-class MaskedLoss(keras.losses.Loss):
-    """Base class: float32 computation and masked-mean reduction (see the module doc).
-
-    Subclasses implement ``call(y_true, y_pred)`` returning per-element losses (per
-    sample ``[B]`` or per slot ``[B, C]``); ``__call__`` applies the sample weights and
-    the reduction. Values of elements whose weight is 0 are replaced by 0 *before*
-    weighting (``NaN * 0`` would be NaN).
-
-    Args:
-        normalize: ``"weights"`` (masked mean, default) or ``"batch"`` (Keras' mean over
-            all elements).
-        name: loss name.
-        reduction: any Keras reduction (default ``"sum_over_batch_size"``).
-        dtype: accepted for API compatibility and ignored: these losses always compute
-            in float32.
-    """
-
-    def __init__(self, normalize="weights", name=None, reduction="sum_over_batch_size", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype="float32")
-        self.normalize = _check_choice(normalize, NORMALIZE_MODES, "normalize")
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        with keras.name_scope(self.name):
-            y_pred = ops.cast(y_pred, "float32")
-            y_true = ops.cast(y_true, "float32")
-            if sample_weight is not None:
-                # Masked elements may hold anything (zeros, garbage, NaN): replace them by
-                # zeros *before* the computation, so that no NaN can reach the value or,
-                # through a zero upstream gradient (0 * NaN = NaN), the gradient.
-                y_true = _zero_where_masked(y_true, sample_weight)
-                y_pred = _zero_where_masked(y_pred, sample_weight)
-            values = ops.cast(self.call(y_true, y_pred), "float32")
-            return self.reduce(values, sample_weight)
-
-    def reduce(self, values, sample_weight=None):
-        """Weight and reduce per-element ``values`` following ``reduction``/``normalize``."""
-        if sample_weight is None:
-            weights = ops.ones_like(values)
-        else:
-            weights = _align_weights(sample_weight, values)
-        # Sanitise before weighting: masked elements may hold NaN/inf (NaN * 0 = NaN).
-        weighted = ops.where(weights != 0, values, ops.zeros_like(values)) * weights
-        if self.reduction is None or self.reduction == "none":
-            return weighted
-        total = ops.sum(weighted)
-        if self.reduction == "sum":
-            return total
-        if self.normalize == "weights" or self.reduction == "mean_with_sample_weight":
-            denom = ops.sum(weights)
-        else:
-            denom = ops.cast(ops.size(values), "float32")
-        return _scale_for_distribution(safe_divide(total, denom, 0.0))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"normalize": self.normalize})
-        return config
 
 
 # --------------------------------------------------------------------------- IoU family
@@ -208,7 +65,7 @@ def box_iou(a, b, mode: str = "iou", eps: float = 1e-7):
     Inverted boxes (``x_max < x_min``) count as zero-width. Two degenerate boxes give
     IoU 0, never NaN.
     """
-    mode = _check_choice(str(mode).lower(), BOX_MODES, "mode")
+    mode = check_choice(str(mode).lower(), BOX_MODES, "mode")
     a = ops.cast(ops.convert_to_tensor(a), "float32")
     b = ops.cast(ops.convert_to_tensor(b), "float32")
     ax1, ay1, ax2, ay2 = a[..., 0], a[..., 1], a[..., 2], a[..., 3]
@@ -274,7 +131,7 @@ class BoxIoULoss(MaskedLoss):
 
     def __init__(self, mode="iou", eps=1e-7, normalize="weights", name=None,
                  reduction="sum_over_batch_size", dtype=None, l1_weight=0.0):
-        mode = _check_choice(str(mode).lower(), BOX_MODES, "mode")
+        mode = check_choice(str(mode).lower(), BOX_MODES, "mode")
         super().__init__(normalize=normalize, name=name or f"{mode}_loss", reduction=reduction)
         self.mode = mode
         self.eps = float(eps)
@@ -336,7 +193,7 @@ class DenseBoxLoss(MaskedLoss):
                  reduction="sum_over_batch_size", dtype=None):
         super().__init__(normalize=normalize, name=name, reduction=reduction)
         self.heat_weight, self.box_weight, self.l1_weight = float(heat_weight), float(box_weight), float(l1_weight)
-        self.mode = _check_choice(str(mode).lower(), BOX_MODES, "mode")
+        self.mode = check_choice(str(mode).lower(), BOX_MODES, "mode")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.sigma = float(sigma)
@@ -381,45 +238,4 @@ class DenseBoxLoss(MaskedLoss):
         config = super().get_config()
         config.update({"heat_weight": self.heat_weight, "box_weight": self.box_weight, "l1_weight": self.l1_weight,
                        "mode": self.mode, "sigma": self.sigma})
-        return config
-
-
-# --------------------------------------------------------------------------- metric
-@keras.saving.register_keras_serializable(package="btmtl")
-class BoxMeanIoU(keras.metrics.Metric):
-    """Running weighted mean of the IoU (or GIoU/DIoU/CIoU) between true and predicted boxes.
-
-    ``update_state(y_true, y_pred, sample_weight)`` with ``[B, C, 4]`` boxes and ``[B, C]``
-    slot weights (or ``[B]`` per-sample weights); slots with weight 0 are ignored. The
-    result is ``sum(w * iou) / sum(w)`` over everything seen since the last reset, 0 when
-    nothing has been seen. State variables are float32.
-    """
-
-    def __init__(self, mode="iou", eps=1e-7, name="box_mean_iou", dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self.mode = _check_choice(str(mode).lower(), BOX_MODES, "mode")
-        self.eps = float(eps)
-        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="total")
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        iou = box_iou(y_true, y_pred, mode=self.mode, eps=self.eps)
-        if sample_weight is None:
-            weights = ops.ones_like(iou)
-        else:
-            weights = _align_weights(sample_weight, iou)
-        iou = ops.where(weights != 0, iou, ops.zeros_like(iou))
-        self.total.assign_add(ops.sum(iou * weights))
-        self.count.assign_add(ops.sum(weights))
-
-    def result(self):
-        return safe_divide(ops.convert_to_tensor(self.total), ops.convert_to_tensor(self.count), 0.0)
-
-    def reset_state(self):
-        self.total.assign(0.0)
-        self.count.assign(0.0)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"mode": self.mode, "eps": self.eps})
         return config

@@ -2,7 +2,7 @@
 
 All losses compute in float32 (also under mixed precision), take a per-sample weight
 ``[B]`` (0 = unknown target, e.g. no subtype for a healthy slice) and share the
-reduction semantics of :class:`src.losses.box.MaskedLoss`: by default
+reduction semantics of :class:`src.losses.base.MaskedLoss`: by default
 (``normalize="weights"``) the loss is the *masked mean* ``sum(w * l) / sum(w)``, and a
 batch whose weights are all 0 gives exactly 0 with a zero gradient.
 ``normalize="batch"`` gives Keras' usual ``sum(w * l) / B``.
@@ -16,7 +16,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from .box import MaskedLoss
+from .base import MaskedLoss
 
 __all__ = [
     "WeightedBinaryCrossentropy",

@@ -3,14 +3,14 @@
 :class:`ReconstructionLoss` (``mode: mse | l1``) compares a reconstruction with the input
 image, both ``[B, H, W, C]`` in the same range (the pipeline's ``[0, 1]``). The per-sample
 value is the mean over pixels and channels; the batch value is the masked mean over
-samples (:class:`~src.losses.box.MaskedLoss`), float32 even under mixed precision.
+samples (:class:`~src.losses.base.MaskedLoss`), float32 even under mixed precision.
 """
 from __future__ import annotations
 
 import keras
 from keras import ops
 
-from .box import MaskedLoss
+from .base import MaskedLoss
 
 RECON_MODES = ("mse", "l1")
 

@@ -1,6 +1,6 @@
 """Segmentation losses for binary (tumour / background) masks: Dice, focal, Dice + focal.
 
-Conventions (as every loss of :mod:`src.losses`, see :mod:`src.losses.box`):
+Conventions (as every loss of :mod:`src.losses`, see :mod:`src.losses.base`):
 
 * ``y_true``: ``[B, H, W, 1]`` 0/1 masks (any float dtype); ``y_pred``: ``[B, H, W, 1]``
   foreground *probabilities* (sigmoid outputs), or logits with ``from_logits=True``.
@@ -25,9 +25,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from .box import MaskedLoss
+from .base import MaskedLoss
 
-__all__ = ["DiceLoss", "BinaryFocalLoss", "DiceFocalLoss", "soft_dice"]
+__all__ = ["DiceLoss", "BinaryFocalLoss", "DiceFocalLoss", "soft_dice", "soft_iou"]
 
 _PROB_EPS = 1e-7
 
@@ -40,24 +40,43 @@ def _probabilities(y_pred, from_logits: bool):
     return ops.sigmoid(y_pred) if from_logits else y_pred
 
 
+def _overlap(y_true, y_pred, smooth: float, include_background: bool, iou: bool):
+    axes = _reduce_axes(y_true)
+
+    def score(t, p):
+        inter = ops.sum(t * p, axis=axes)
+        total = ops.sum(t, axis=axes) + ops.sum(p, axis=axes)
+        num, den = (inter + smooth, total - inter + smooth) if iou else (2.0 * inter + smooth, total + smooth)
+        if smooth > 0:
+            return num / den
+        # hard masks without smoothing: both empty -> 1 (nothing to find, nothing found)
+        ok = den > 0
+        return ops.where(ok, num / ops.where(ok, den, ops.ones_like(den)), ops.ones_like(num))
+
+    fg = score(y_true, y_pred)
+    if not include_background:
+        return fg
+    return 0.5 * (fg + score(1.0 - y_true, 1.0 - y_pred))
+
+
 def soft_dice(y_true, y_pred, smooth: float = 1.0, include_background: bool = False):
     """Per-image soft Dice ``[B]`` of probabilities ``y_pred`` against 0/1 ``y_true``.
 
     Foreground: ``(2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)`` over every pixel
     (and channel) of an image. ``include_background``: the mean of that and the same for
-    the background (``1 - p`` against ``1 - t``).
+    the background (``1 - p`` against ``1 - t``). ``smooth=0`` on thresholded masks is the
+    hard Dice of the training metric (:class:`src.training.metrics.DiceScore`): an image
+    whose true and predicted masks are both empty scores 1. This is the one graph Dice of
+    the library; the numpy one (whole evaluation splits) is
+    :func:`src.evaluation.metrics.dice_iou`.
     """
-    axes = _reduce_axes(y_true)
+    return _overlap(y_true, y_pred, smooth, include_background, iou=False)
 
-    def dice(t, p):
-        inter = ops.sum(t * p, axis=axes)
-        denom = ops.sum(t, axis=axes) + ops.sum(p, axis=axes)
-        return (2.0 * inter + smooth) / (denom + smooth)
 
-    fg = dice(y_true, y_pred)
-    if not include_background:
-        return fg
-    return 0.5 * (fg + dice(1.0 - y_true, 1.0 - y_pred))
+def soft_iou(y_true, y_pred, smooth: float = 1.0, include_background: bool = False):
+    """Per-image soft IoU (Jaccard) ``[B]``: ``(sum(p t) + smooth) / (sum(p) + sum(t) - sum(p t) + smooth)``;
+    otherwise as :func:`soft_dice`."""
+    return _overlap(y_true, y_pred, smooth, include_background, iou=True)
 
 
 @keras.saving.register_keras_serializable(package="btmtl")

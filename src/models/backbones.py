@@ -1,9 +1,9 @@
 """Backbones: ``keras.applications`` networks as named feature pyramids.
 
 ``create_backbone(name, input_shape, weights, trainable)`` returns a :class:`Backbone`: a
-functional ``keras.Model`` (``backbone.model``) built directly on the application's own
-layers, whose output is a dict of feature maps keyed by level, plus the metadata the rest
-of the library needs (stages for freezing, preprocessing mode, channels per level).
+functional ``keras.Model`` built directly on the application's own layers, whose output is
+a dict of feature maps keyed by level, carrying the metadata the rest of the library needs
+(stages for freezing, preprocessing mode, channels per level) and saved with it.
 
 Levels and the layers that give them (``Pk`` has stride ``2**k``; the rule: the last
 layer computed at that resolution, i.e. just before the next down-sampling; channels in
@@ -46,7 +46,7 @@ Every level's producer is at or before the application's final layer, and P5 is 
 application's output, so the backbone holds *all* the application's weights: a Keras
 ImageNet ``*_notop.h5`` file loads into it exactly.
 
-Stages (for ``src.training.unfreeze``; every layer belongs to exactly one, in order):
+Stages (for :mod:`src.models.unfreeze`; every layer belongs to exactly one, in order):
 resnet: conv1..conv5 (``pool1_*`` -> conv1, ``post_*`` -> conv5); vgg16: block1..block5;
 mobilenet_v2 / mobilenet_v3 / efficientnet_b0: stem, block1..blockN, top (blocks grouped
 as in the papers' stage tables: mobilenet_v2 and efficientnet_b0 have block1..block7,
@@ -55,12 +55,16 @@ stem, stage_0..stage_3 (a stage owns the down-sampling block in front of it; the
 LayerNormalization belongs to stage_3). Input and input-scaling layers belong to the first
 stage; auto-named layers (activations, merges) belong to the stage of their input.
 
-Preprocessing (``backbone.preprocessing``; the data pipeline applies it to [0, 1] images):
-``caffe`` for resnet50 / resnet101 / vgg16 (RGB->BGR, x*255 minus the ImageNet mean),
-``tf`` for resnet50v2 / mobilenet_v2 ([-1, 1]), ``none`` for mobilenet_v3 / efficientnet /
-convnext: these applications contain their own preprocessing layers that expect [0, 255]
-pixels, so the backbone starts with a ``Rescaling(255)`` layer (``<name>_pixels_to_255``)
-and takes [0, 1] images like every ``none`` model of this library.
+Preprocessing (``backbone.preprocessing``, a mode of :data:`src.models.layers.PREPROCESS_MODES`,
+applied to [0, 1] images by the :class:`~src.models.layers.Preprocess` layer the
+architectures put in front of the backbone; the backbone itself takes what the
+``keras.applications`` network takes): ``caffe`` for resnet50 / resnet101 / vgg16 (RGB->BGR,
+x*255 minus the ImageNet mean), ``tf`` for resnet50v2 / mobilenet_v2 ([-1, 1]), ``raw255``
+for mobilenet_v3 / efficientnet / convnext (these applications contain their own
+preprocessing layers, which expect raw [0, 255] pixels: their ``preprocess_input`` is the
+identity). Checkpoints saved before ``raw255`` existed hold those backbones with a
+``Rescaling(255)`` first layer and ``Preprocess("none")`` in front: they load and predict
+as before.
 
 EfficientNet: Keras inserts an extra ``Rescaling(1/sqrt(std))`` after its Normalization
 layer only when built with ``weights="imagenet"`` (keras issue 49930). The backbone always
@@ -92,11 +96,12 @@ from typing import Any, Callable
 import keras
 from keras import layers
 
+from .unfreeze import set_trainable
+
 log = logging.getLogger(__name__)
 
 LEVELS = ("P2", "P3", "P4", "P5")
 LEVEL_STRIDES = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
-PREPROCESSING_MODES = ("caffe", "tf", "none")
 DEFAULT_DOWNLOAD_TIMEOUT = 15.0
 
 
@@ -273,14 +278,15 @@ def _convnext_stage(prefix: str) -> Callable[[str], str | None]:
 class BackboneSpec:
     """How to build one architecture and read its levels and stages.
 
-    ``levels`` values: ``"layer"`` = the output of that layer, ``"input:layer"`` = the
-    tensor feeding that layer, ``"output"`` = the application's output.
+    ``preprocessing``: the input scaling the application expects, a mode of
+    :data:`src.models.layers.PREPROCESS_MODES`. ``levels`` values: ``"layer"`` = the output
+    of that layer, ``"input:layer"`` = the tensor feeding that layer, ``"output"`` = the
+    application's output.
     """
 
     name: str
     app: str
     preprocessing: str
-    builtin_preprocessing: bool
     levels: Mapping[str, str]
     stages: tuple[str, ...]
     stage_rule: Callable[[str], str | None]
@@ -291,42 +297,42 @@ class BackboneSpec:
 _RESNET_STAGES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
-    BackboneSpec("resnet50", "ResNet50", "caffe", False,
+    BackboneSpec("resnet50", "ResNet50", "caffe",
                  {"P2": "conv2_block3_out", "P3": "conv3_block4_out", "P4": "conv4_block6_out",
                   "P5": "conv5_block3_out"},
                  _RESNET_STAGES, _resnet_stage, _resnet_file("resnet50")),
-    BackboneSpec("resnet101", "ResNet101", "caffe", False,
+    BackboneSpec("resnet101", "ResNet101", "caffe",
                  {"P2": "conv2_block3_out", "P3": "conv3_block4_out", "P4": "conv4_block23_out",
                   "P5": "conv5_block3_out"},
                  _RESNET_STAGES, _resnet_stage, _resnet_file("resnet101")),
-    BackboneSpec("resnet50v2", "ResNet50V2", "tf", False,
+    BackboneSpec("resnet50v2", "ResNet50V2", "tf",
                  {"P2": "conv2_block3_preact_relu", "P3": "conv3_block4_preact_relu",
                   "P4": "conv4_block6_preact_relu", "P5": "post_relu"},
                  _RESNET_STAGES, _resnet_stage, _resnet_file("resnet50v2")),
-    BackboneSpec("mobilenet_v2", "MobileNetV2", "tf", False,
+    BackboneSpec("mobilenet_v2", "MobileNetV2", "tf",
                  {"P2": "block_3_expand_relu", "P3": "block_6_expand_relu", "P4": "block_13_expand_relu",
                   "P5": "out_relu"},
                  ("stem", *sorted(set(_MBV2_GROUPS.values())), "top"), _mobilenet_v2_stage,
                  _mobilenet_v2_file),
-    BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", "none", True,
+    BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", "raw255",
                  {"P2": "input:expanded_conv_1_depthwise_pad", "P3": "input:expanded_conv_3_depthwise_pad",
                   "P4": "input:expanded_conv_8_depthwise_pad", "P5": "output"},
                  ("stem", *sorted(set(_MBV3_SMALL_GROUPS.values())), "top"),
                  _mobilenet_v3_stage(_MBV3_SMALL_GROUPS), _mobilenet_v3_file("small")),
-    BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", "none", True,
+    BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", "raw255",
                  {"P2": "input:expanded_conv_3_depthwise_pad", "P3": "input:expanded_conv_6_depthwise_pad",
                   "P4": "input:expanded_conv_12_depthwise_pad", "P5": "output"},
                  ("stem", *sorted(set(_MBV3_LARGE_GROUPS.values())), "top"),
                  _mobilenet_v3_stage(_MBV3_LARGE_GROUPS), _mobilenet_v3_file("large")),
-    BackboneSpec("efficientnet_b0", "EfficientNetB0", "none", True,
+    BackboneSpec("efficientnet_b0", "EfficientNetB0", "raw255",
                  {"P2": "block3a_expand_activation", "P3": "block4a_expand_activation",
                   "P4": "block6a_expand_activation", "P5": "top_activation"},
                  ("stem", *(f"block{i}" for i in range(1, 8)), "top"), _efficientnet_stage,
                  _efficientnet_file("b0")),
-    BackboneSpec("vgg16", "VGG16", "caffe", False,
+    BackboneSpec("vgg16", "VGG16", "caffe",
                  {"P2": "block3_conv3", "P3": "block4_conv3", "P4": "block5_conv3", "P5": "block5_pool"},
                  tuple(f"block{i}" for i in range(1, 6)), _vgg_stage, _vgg16_file),
-    BackboneSpec("convnext_tiny", "ConvNeXtTiny", "none", True,
+    BackboneSpec("convnext_tiny", "ConvNeXtTiny", "raw255",
                  {"P2": "input:convnext_tiny_downsampling_block_0",
                   "P3": "input:convnext_tiny_downsampling_block_1",
                   "P4": "input:convnext_tiny_downsampling_block_2", "P5": "output"},
@@ -387,83 +393,82 @@ def _producer(tensor):
 # ---------------------------------------------------------------------------------------
 # Backbone
 # ---------------------------------------------------------------------------------------
-class Backbone:
-    """A feature extractor: ``model`` (functional, outputs ``{level: feature map}``) + metadata.
+@keras.saving.register_keras_serializable(package="btmtl")
+class Backbone(keras.Model):
+    """A feature extractor: a functional ``keras.Model`` from the image to
+    ``{"P2": ..., "P5": ...}``, with the metadata the rest of the library needs.
+
+    It is a real Keras model (a Functional subclass, registered as ``btmtl>Backbone``): it
+    is called, saved and loaded like any model, nested in a network or on its own, and its
+    layers are the application's own layers, addressable by name (Grad-CAM, freezing). Its
+    config is the functional graph (so per-layer ``trainable`` flags and dtype policies
+    survive save/load) plus ``architecture`` and ``weights_source``; everything else is
+    derived from those and the graph.
 
     Attributes:
-        name: architecture name (a key of :data:`SPECS`).
-        model: ``keras.Model`` from the image input to ``{"P2": ..., "P5": ...}``; its layers
-            are the application's own layers, addressable by name (Grad-CAM, freezing).
+        architecture: architecture name (a key of :data:`SPECS`); the Keras ``name`` is the
+            layer name (``<architecture>_backbone``, or ``backbone`` inside a network).
         levels: the level names present, in stride order.
         level_layers: level -> name of the operation producing that feature map.
         feature_strides / feature_channels: level -> stride / channels.
         stage_names: stages in order; ``layer_stages``: layer name -> stage (every leaf
             layer, nested models' layers included, and every operation of the graph).
-        preprocessing: "caffe" | "tf" | "none" (applied by the pipeline to [0, 1] images).
+        preprocessing: the input scaling it expects, a mode of
+            :data:`src.models.layers.PREPROCESS_MODES` applied to [0, 1] images by a
+            :class:`~src.models.layers.Preprocess` layer in front of it.
         weights_source: what the weights came from (None, "imagenet" or the file path).
+        image_shape: ``(height, width, channels)`` of its input.
     """
 
-    def __init__(self, name: str, model: keras.Model, *, input_shape, weights_source=None):
-        self.spec = get_spec(name)
-        self.name = name
-        self.model = model
-        self.input_shape = tuple(input_shape)
+    def __init__(self, inputs, outputs, name=None, *, architecture: str | None = None, weights_source=None,
+                 **kwargs):
+        if isinstance(inputs, str):
+            # TEMPORARY: the signature before Backbone was a keras.Model, still called by
+            # src/training/engine.py: Backbone(architecture, functional, input_shape=...) ->
+            # a view sharing the functional's layers. Use as_backbone() instead.
+            architecture, model = inputs, outputs
+            kwargs.pop("input_shape", None)
+            inputs, outputs, name = model.input, model.output, name or model.name
+        if architecture is None:
+            raise ValueError("Backbone needs architecture=<name> (one of list_backbones())")
+        spec = get_spec(architecture)
+        super().__init__(inputs=inputs, outputs=outputs, name=name or f"{architecture}_backbone", **kwargs)
+        self.architecture = architecture
         self.weights_source = weights_source
-        outputs = model.output
-        self.levels = [lvl for lvl in LEVELS if lvl in outputs]
-        self.level_layers = {lvl: _producer(outputs[lvl]).name for lvl in self.levels}
+        out = self.output
+        self.levels = [lvl for lvl in LEVELS if lvl in out]
+        self.level_layers = {lvl: _producer(out[lvl]).name for lvl in self.levels}
         self.feature_strides = {lvl: LEVEL_STRIDES[lvl] for lvl in self.levels}
-        self.feature_channels = {lvl: int(outputs[lvl].shape[-1]) for lvl in self.levels}
-        self.preprocessing = self.spec.preprocessing
-        self.builtin_preprocessing = self.spec.builtin_preprocessing
-        self.stage_names = list(self.spec.stages)
-        self.layer_stages = self._assign_stages()
-
-    # -- keras-like conveniences ------------------------------------------------------
-    def __call__(self, x, training=None):
-        return self.model(x, training=training)
+        self.feature_channels = {lvl: int(out[lvl].shape[-1]) for lvl in self.levels}
+        self.preprocessing = spec.preprocessing
+        self.stage_names = list(spec.stages)
+        self.layer_stages = self._assign_stages(spec)
 
     @property
-    def input(self):
-        return self.model.input
-
-    @property
-    def inputs(self):
-        return self.model.inputs
-
-    @property
-    def output(self):
-        return self.model.output
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def get_layer(self, name: str):
-        return self.model.get_layer(name)
+    def image_shape(self) -> tuple:
+        return tuple(self.input.shape[1:])
 
     def get_config(self) -> dict:
-        return {"name": self.name, "input_shape": list(self.input_shape),
-                "weights": self.weights_source}
+        return {**super().get_config(), "architecture": self.architecture, "weights_source": self.weights_source}
 
     def __repr__(self) -> str:
         levels = ", ".join(f"{lvl}:{self.feature_channels[lvl]}@/{self.feature_strides[lvl]}"
                            for lvl in self.levels)
-        return (f"Backbone({self.name!r}, input_shape={self.input_shape}, {levels}, "
+        return (f"Backbone({self.architecture!r}, name={self.name!r}, image_shape={self.image_shape}, {levels}, "
                 f"weights={self.weights_source!r})")
 
     # -- stages -----------------------------------------------------------------------
-    def _assign_stages(self) -> dict[str, str]:
+    def _assign_stages(self, spec: BackboneSpec) -> dict[str, str]:
         order = {s: i for i, s in enumerate(self.stage_names)}
         first = self.stage_names[0]
         stages: dict[str, str] = {}
-        for op in self.model.operations:
-            stage = self.spec.stage_rule(op.name)
+        for op in self.operations:
+            stage = spec.stage_rule(op.name)
             if stage is None:
                 parents = [stages[p.name] for p in _parent_ops(op) if p.name in stages]
                 stage = max(parents, key=order.__getitem__) if parents else first
             if stage not in order:  # a rule returned a stage the spec does not list
-                raise RuntimeError(f"{self.name}: layer {op.name!r} mapped to unknown stage {stage!r}")
+                raise RuntimeError(f"{self.architecture}: layer {op.name!r} mapped to unknown stage {stage!r}")
             stages[op.name] = stage
             if _is_container(op):
                 for leaf in _leaves(op):
@@ -473,7 +478,7 @@ class Backbone:
     def leaf_layers(self) -> list:
         """Every layer in topological order, nested models flattened into their layers."""
         out = []
-        for layer in self.model.layers:
+        for layer in self.layers:
             out.extend(_leaves(layer))
         return out
 
@@ -483,8 +488,20 @@ class Backbone:
 
     def stage_layers(self, stage: str) -> list:
         if stage not in self.stage_names:
-            raise ValueError(f"{self.name} has no stage {stage!r}; stages: {self.stage_names}")
+            raise ValueError(f"{self.architecture} has no stage {stage!r}; stages: {self.stage_names}")
         return [lyr for lyr in self.leaf_layers() if self.layer_stages[lyr.name] == stage]
+
+
+def as_backbone(model: keras.Model, architecture: str | None = None) -> Backbone:
+    """``model`` itself when it is a :class:`Backbone`; else a Backbone view of a plain
+    functional feature model (the nested ``backbone`` of checkpoints saved before Backbone
+    was a Keras model) that shares its layers, so freezing the view freezes the model.
+    ``architecture`` is needed for the view only."""
+    if isinstance(model, Backbone):
+        return model
+    if not architecture:
+        raise ValueError(f"{model.name!r} is a plain functional model: as_backbone needs its architecture name")
+    return Backbone(model.input, model.output, name=model.name, architecture=architecture)
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,10 +525,7 @@ def _normalise_shape(input_shape, spec: BackboneSpec) -> tuple:
 def _build_app(spec: BackboneSpec, input_shape: tuple) -> keras.Model:
     """The application without top on an input named ``image`` (random weights)."""
     inputs = keras.Input(shape=input_shape, name="image")
-    x = inputs
-    if spec.builtin_preprocessing:
-        x = layers.Rescaling(255.0, name=f"{spec.name}_pixels_to_255")(x)
-    app = getattr(keras.applications, spec.app)(include_top=False, weights=None, input_tensor=x,
+    app = getattr(keras.applications, spec.app)(include_top=False, weights=None, input_tensor=inputs,
                                                  input_shape=input_shape)
     if spec.name.startswith("efficientnet"):
         app = _with_imagenet_stem(app)
@@ -550,10 +564,10 @@ def _level_tensor(app: keras.Model, where: str):
     return app.get_layer(where).output
 
 
-def _feature_model(spec: BackboneSpec, app: keras.Model) -> keras.Model:
+def _feature_model(spec: BackboneSpec, app: keras.Model, name: str | None, weights_source) -> Backbone:
     outputs = {lvl: _level_tensor(app, spec.levels[lvl]) for lvl in LEVELS if lvl in spec.levels}
     inputs = app.inputs[0] if len(app.inputs) == 1 else app.inputs
-    return keras.Model(inputs, outputs, name=f"{spec.name}_backbone")
+    return Backbone(inputs, outputs, name=name, architecture=spec.name, weights_source=weights_source)
 
 
 # ---------------------------------------------------------------------------------------
@@ -633,8 +647,8 @@ def fetch_imagenet_weights(name: str, input_shape=(224, 224, 3), *, cache_dir: s
 
 def load_weights_file(backbone: Backbone | keras.Model, path, *, name: str | None = None) -> None:
     """Load a weights file exactly, or raise :class:`WeightsMismatchError` naming the file."""
-    model = backbone.model if isinstance(backbone, Backbone) else backbone
-    name = name or getattr(backbone, "name", model.name)
+    model = backbone
+    name = name or getattr(backbone, "architecture", model.name)
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -657,8 +671,8 @@ def load_weights_file(backbone: Backbone | keras.Model, path, *, name: str | Non
 
 
 def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, trainable: Any = True, *,
-                    cache_dir: str | None = None,
-                    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) -> Backbone:
+                    cache_dir: str | None = None, download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+                    model_name: str | None = None) -> Backbone:
     """Build a named backbone (see the module docstring for levels, stages and weights).
 
     Args:
@@ -667,10 +681,12 @@ def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, t
             Sizes that are multiples of 32 give exact strides.
         weights: None (random init), "imagenet" (download or cache) or a weights file path.
         trainable: True (all trainable), False (all frozen) or an unfreeze spec for
-            :func:`src.training.unfreeze.set_trainable` (e.g. ``{"from_stage": "conv4"}``).
+            :func:`src.models.unfreeze.set_trainable` (e.g. ``{"from_stage": "conv4"}``).
         cache_dir: where ImageNet files are cached (``<cache_dir>/models``); default
             ``$KERAS_HOME`` or ``~/.keras``.
         download_timeout: seconds to wait for the weights server before giving up.
+        model_name: the Keras name of the model (default ``<name>_backbone``; the
+            architectures of :mod:`src.models` nest it as ``backbone``).
     """
     spec = get_spec(name)
     shape = _normalise_shape(input_shape, spec)
@@ -693,14 +709,11 @@ def create_backbone(name: str, input_shape=(224, 224, 3), weights: Any = None, t
                 f"of an existing weights file)")
 
     app = _build_app(spec, shape)
-    backbone = Backbone(name, _feature_model(spec, app), input_shape=shape,
-                        weights_source=None if weights is None else str(weights))
+    backbone = _feature_model(spec, app, model_name, None if weights is None else str(weights))
     if weights_path is not None:
         load_weights_file(backbone, weights_path)
         log.info("backbone %s: loaded weights from %s", name, weights_path)
 
     if trainable is not True and trainable is not None:
-        from ..training.unfreeze import set_trainable
-
         set_trainable(backbone, {"mode": "none"} if trainable is False else trainable)
     return backbone

@@ -9,6 +9,8 @@ head only (plain transfer learning, the backbones the seed projects compared).
 """
 from __future__ import annotations
 
+import functools
+
 import keras
 from keras import layers
 
@@ -26,11 +28,10 @@ def _shape(image_size) -> tuple:
 
 def _backbone_features(backbone: str, image_size, weights):
     shape = _shape(image_size)
-    bb = create_backbone(backbone, shape, weights=weights)
-    bb.model.name = "backbone"
+    bb = create_backbone(backbone, shape, weights=weights, model_name="backbone")
     inputs = keras.Input(shape, name="image")
     x = Preprocess(bb.preprocessing, name="preprocess")(inputs)
-    feats = bb.model(x)
+    feats = bb(x)
     return inputs, feats, bb
 
 
@@ -38,7 +39,7 @@ def _backbone_features(backbone: str, image_size, weights):
 def detector(num_classes: int = 4, image_size=224, backbone: str = "resnet101", weights=None,
              multilabel: bool = False, dropout: float = 0.3, hidden: int = 256, box_channels: int = 64,
              heads=("class", "boxes"), box_head: str = "dense", box_heatmaps: str = "shared",
-             box_levels=("P3", "P4", "P5"), **_ignored) -> keras.Model:
+             box_levels=("P3", "P4", "P5")) -> keras.Model:
     """``box_head``: ``dense`` (heat + box maps over the pyramid levels ``box_levels``,
     merged top-down: :func:`src.models.heads.dense_box_head`) or ``flat`` (the seed
     detector: P5 reduced to ``box_channels`` by a 1x1 convolution, flattened, dense
@@ -68,14 +69,19 @@ def detector(num_classes: int = 4, image_size=224, backbone: str = "resnet101", 
     return keras.Model(inputs, outputs, name=f"{backbone}_detector")
 
 
-@register_model("resnet101_detector")
-def resnet101_detector(backbone: str = "resnet101", **cfg) -> keras.Model:
-    return detector(backbone=backbone, **cfg)
+#: the detector with ``backbone="resnet101"`` by default (its signature, so the registry
+#: checks the same keys)
+resnet101_detector = register_model("resnet101_detector")(functools.partial(detector, backbone="resnet101"))
 
 
 @register_model("classifier")
 def classifier(num_classes: int = 4, image_size=224, backbone: str = "resnet50", weights=None,
-               multilabel: bool = False, dropout: float = 0.3, hidden: int = 0, **_ignored) -> keras.Model:
+               multilabel: bool = False, dropout: float = 0.3, hidden: int = 0, heads=("class",)) -> keras.Model:
+    """The class head over a backbone: ``heads`` may name ``class`` / ``multilabel`` only
+    (which one is built follows ``multilabel``)."""
+    other = [h for h in heads if h not in ("class", "multilabel")]
+    if other or not heads:
+        raise ValueError(f"model.heads: the classifier has a class head only, got {list(heads)}")
     inputs, feats, _ = _backbone_features(backbone, image_size, weights)
     p5 = feats["P5"]
     pooled = layers.GlobalAveragePooling2D(name="class_pool")(p5)

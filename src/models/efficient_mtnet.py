@@ -322,7 +322,7 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
                     ham_channels: int = 64, ham_rank: int = 16, ham_steps: int = 6, ham_eval_steps: int = 7,
                     ham_seed: int = 0, attention_channels: int = 32, class_hidden: int = 64,
                     dropout: float = 0.1, seg_dropout: float = 0.1, bn_momentum: float = 0.9,
-                    input_scaling: str = "tf", **_ignored) -> keras.Model:
+                    input_scaling: str = "tf") -> keras.Model:
     """Build EfficientMTNet (see the module docstring).
 
     Args:
@@ -341,7 +341,8 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
         attention_channels: query/key/value width of ``attention``.
         class_hidden, dropout: class head (GAP -> class_hidden -> dropout -> classes).
         seg_dropout: dropout before the 1x1 classifiers of the mask heads.
-        input_scaling: in-model scaling of the [0, 1] input (``tf``: x*2-1).
+        input_scaling: in-model scaling of the [0, 1] input, a mode of
+            :data:`src.models.layers.PREPROCESS_MODES` (``tf``: x*2-1).
     """
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     heads = resolve_heads(heads, aux)

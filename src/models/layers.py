@@ -1,22 +1,29 @@
-"""Small serialisable layers shared by architectures."""
+"""Small serialisable layers shared by architectures, and the preprocessing vocabulary."""
 from __future__ import annotations
 
 import keras
 from keras import layers, ops
 
-PREPROCESS_MODES = ("none", "caffe", "tf", "torch")
+#: The one preprocessing vocabulary of the library: how a network scales its [0, 1] RGB
+#: input for what its first layers expect (``keras.applications.<module>.preprocess_input``
+#: applied to 0..255 pixels): ``none`` (identity: networks trained from scratch);
+#: ``raw255`` (x*255: EfficientNet, ConvNeXt, MobileNetV3 normalise inside the network
+#: and take raw pixels); ``caffe`` (RGB->BGR, x*255 minus the ImageNet mean: ResNet,
+#: VGG); ``tf`` (x*2-1: ResNetV2, MobileNetV2); ``torch`` ((x - mean) / std: DenseNet).
+#: The per-backbone choice is in :data:`src.models.backbones.SPECS`. The data pipeline
+#: always yields [0, 1] images.
+PREPROCESS_MODES = ("none", "raw255", "caffe", "tf", "torch")
 _IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 _IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 @keras.saving.register_keras_serializable(package="btmtl")
 class Preprocess(layers.Layer):
-    """Backbone input scaling inside the model, from [0, 1] RGB images.
+    """Input scaling inside the model, from [0, 1] RGB images (a mode of :data:`PREPROCESS_MODES`).
 
     Models of this library take [0, 1] images; the scaling a pretrained backbone expects
     happens here, so training, prediction and exported models agree by construction.
-    ``caffe``: RGB->BGR, x*255 - ImageNet mean (ResNet, VGG); ``tf``: x*2-1 (ResNetV2,
-    MobileNetV2); ``torch``: (x - mean) / std; ``none``: identity.
     """
 
     def __init__(self, mode: str = "none", **kwargs):
@@ -28,6 +35,11 @@ class Preprocess(layers.Layer):
     def call(self, x):
         if self.mode == "none":
             return x
+        if self.mode == "raw255":
+            # "+ 0": the two operations of Keras' Rescaling(255), which the backbone held before
+            # raw255 existed; without it TensorFlow's graph optimiser folds x * 255 into the
+            # application's own first Rescaling, and training differs in the last float digit
+            return x * 255.0 + 0.0
         if self.mode == "tf":
             return x * 2.0 - 1.0
         if self.mode == "torch":
@@ -36,7 +48,7 @@ class Preprocess(layers.Layer):
             return (x - mean) / std
         # caffe: BGR, 0..255, minus the ImageNet mean (in BGR order)
         bgr = ops.flip(x, axis=-1) * 255.0
-        return bgr - ops.convert_to_tensor([103.939, 116.779, 123.68], x.dtype)
+        return bgr - ops.convert_to_tensor(_CAFFE_MEAN_BGR, x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}

@@ -131,7 +131,7 @@ def mtl_unet(num_classes: int = 4, image_size=128, class_names: Optional[Sequenc
              preset: str = "cpu", widths: Optional[Sequence[int]] = None,
              heads: Sequence[str] = ("tumor", "subtype", "recon"), recon_skips: bool = False,
              latent_dim: int = 128, dropout: float = 0.3, seg_width_factor: float = 0.5,
-             bn_momentum: float = 0.9, **_ignored) -> keras.Model:
+             bn_momentum: float = 0.9) -> keras.Model:
     """Build the U-Net; see the module docstring. ``image_size`` must be divisible by 16."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
     if size[0] % 16 or size[1] % 16:

@@ -23,7 +23,7 @@ from .registry import register_model
 def small_cnn(num_classes: int = 4, image_size: int = 128, widths=(32, 64, 128, 192), dropout: float = 0.2,
               spatial_channels: int = 16, hidden: int = 128, heads=("class", "boxes"),
               bn_momentum: float = 0.9, box_head: str = "dense", box_channels: int = 64,
-              box_heatmaps: str = "shared", box_levels=None, **_ignored) -> keras.Model:
+              box_heatmaps: str = "shared", box_levels=None) -> keras.Model:
     """``box_head``: ``dense`` (dense maps over the stages ``box_levels``, 1-based, merged
     top-down; default: the last two; see :func:`src.models.heads.dense_box_head`) or
     ``flat`` (the seed design: one box per slot from the pooled + flattened features)."""

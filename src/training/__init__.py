@@ -1,1 +1,2 @@
-"""Training: precision, strategy, the training loop and callbacks."""
+"""Training: the engine (phases, chaining, resume, budget), callbacks, compiled metrics,
+optimizers, precision and strategy. (The task model is :mod:`src.models.task`.)"""

@@ -1,10 +1,14 @@
-"""Training-time metrics per head (sparse-label wrappers Keras lacks)."""
+"""Training-time (compiled, graph) metrics per head: sparse-label wrappers Keras lacks,
+the mean box IoU and hard mask Dice / IoU. The evaluation metrics (numpy, on whole
+splits) are in :mod:`src.evaluation.metrics`."""
 from __future__ import annotations
 
 import keras
 from keras import ops
 
-from ..losses import BoxMeanIoU
+from ..losses.base import align_weights, check_choice, safe_divide
+from ..losses.box import BOX_MODES, box_iou
+from ..losses.segmentation import soft_dice, soft_iou
 
 
 def _one_hot(y_true, num_classes):
@@ -68,6 +72,49 @@ class SparseMacroF1(keras.metrics.F1Score):
 
 
 # ---------------------------------------------------------------------------------------
+# boxes
+# ---------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="btmtl")
+class BoxMeanIoU(keras.metrics.Metric):
+    """Running weighted mean of the IoU (or GIoU/DIoU/CIoU) between true and predicted boxes.
+
+    ``update_state(y_true, y_pred, sample_weight)`` with ``[B, C, 4]`` boxes and ``[B, C]``
+    slot weights (or ``[B]`` per-sample weights); slots with weight 0 are ignored. The
+    result is ``sum(w * iou) / sum(w)`` over everything seen since the last reset, 0 when
+    nothing has been seen. State variables are float32.
+    """
+
+    def __init__(self, mode="iou", eps=1e-7, name="box_mean_iou", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.mode = check_choice(str(mode).lower(), BOX_MODES, "mode")
+        self.eps = float(eps)
+        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        iou = box_iou(y_true, y_pred, mode=self.mode, eps=self.eps)
+        if sample_weight is None:
+            weights = ops.ones_like(iou)
+        else:
+            weights = align_weights(sample_weight, iou)
+        iou = ops.where(weights != 0, iou, ops.zeros_like(iou))
+        self.total.assign_add(ops.sum(iou * weights))
+        self.count.assign_add(ops.sum(weights))
+
+    def result(self):
+        return safe_divide(ops.convert_to_tensor(self.total), ops.convert_to_tensor(self.count), 0.0)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mode": self.mode, "eps": self.eps})
+        return config
+
+
+# ---------------------------------------------------------------------------------------
 # masks
 # ---------------------------------------------------------------------------------------
 def mask_overlap_per_image(y_true, y_pred, threshold: float = 0.5, include_background: bool = False):
@@ -81,22 +128,7 @@ def mask_overlap_per_image(y_true, y_pred, threshold: float = 0.5, include_backg
     """
     t = ops.cast(ops.cast(y_true, "float32") >= 0.5, "float32")
     p = ops.cast(ops.cast(y_pred, "float32") >= threshold, "float32")
-    axes = tuple(range(1, len(t.shape)))
-
-    def scores(a, b):
-        inter = ops.sum(a * b, axis=axes)
-        total = ops.sum(a, axis=axes) + ops.sum(b, axis=axes)
-        union = total - inter
-        empty = total == 0
-        dice = ops.where(empty, ops.ones_like(inter), 2.0 * inter / ops.where(empty, ops.ones_like(total), total))
-        iou = ops.where(empty, ops.ones_like(inter), inter / ops.where(empty, ops.ones_like(union), union))
-        return dice, iou
-
-    dice, iou = scores(t, p)
-    if include_background:
-        bg_dice, bg_iou = scores(1.0 - t, 1.0 - p)
-        dice, iou = 0.5 * (dice + bg_dice), 0.5 * (iou + bg_iou)
-    return dice, iou
+    return soft_dice(t, p, 0.0, include_background), soft_iou(t, p, 0.0, include_background)
 
 
 class _MaskOverlap(keras.metrics.Metric):

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from src.data.masks import mask_to_box
 from src.data.pipeline import (TARGET_KEYS, build_dataset, check_decodable, describe_batch, plan_pipeline,
-                               preprocess_images, probe_header, resolve_preprocessing)
+                               probe_header)
 from src.data.records import ClassMap, DataError, Record
 
 CM = ClassMap()  # glioma, meningioma, pituitary, no_tumor
@@ -309,43 +309,16 @@ def test_polygons_need_a_cache_dir_then_become_masks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# preprocessing
+# no data.preprocessing: images are [0, 1], the model scales them (src/models/layers.py)
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,module", [
-    ("caffe", "resnet"), ("imagenet_caffe", "vgg16"), ("torch", "densenet"), ("tf", "mobilenet_v2"),
-    ("resnet", "resnet"), ("resnet50", "resnet50"), ("resnet_v2", "resnet_v2"), ("mobilenet_v2", "mobilenet_v2"),
-    ("xception", "xception"), ("inception_v3", "inception_v3"), ("densenet", "densenet"),
-    ("efficientnet", "efficientnet"), ("efficientnet_v2", "efficientnet_v2"), ("convnext", "convnext"),
-])
-def test_preprocessing_matches_keras_applications(name, module):
-    keras_mod = importlib.import_module(f"keras.applications.{module}")
-    rng = np.random.default_rng(0)
-    x01 = rng.uniform(0, 1, (2, 5, 7, 3)).astype(np.float32)
-    ours = preprocess_images(tf.constant(x01), name).numpy()
-    ref = np.asarray(keras_mod.preprocess_input(x01 * 255.0))
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
-    # grey input broadcast to 3 channels gives the same as its RGB replica
-    g = x01[..., :1]
-    np.testing.assert_allclose(preprocess_images(tf.constant(g), name).numpy(),
-                               preprocess_images(tf.constant(np.repeat(g, 3, -1)), name).numpy(), atol=1e-5)
-
-
-def test_preprocessing_names():
-    assert resolve_preprocessing("none") == "none" and resolve_preprocessing(None) == "none"
-    assert resolve_preprocessing("resnet101") == "caffe" and resolve_preprocessing("ResNet50V2") == "tf"
-    assert resolve_preprocessing("EfficientNetB0") == "raw255"
-    assert resolve_preprocessing("auto", backbone="densenet121") == "torch"
-    with pytest.raises(ValueError, match="backbone"):
-        resolve_preprocessing("auto")
-    with pytest.raises(ValueError, match="unknown"):
-        resolve_preprocessing("zscore")
-
-
-def test_pipeline_preprocessing_mode(recs):
+def test_images_are_unit_range_and_data_preprocessing_is_an_error(recs):
     rs = [recs["png_rgb"]]
-    x0, _, _ = np_batch(one_batch(rs))
-    xc, _, _ = np_batch(one_batch(rs, {"preprocessing": "caffe"}))
-    np.testing.assert_allclose(xc, x0[..., ::-1] * 255 - np.array([103.939, 116.779, 123.68]), atol=1e-3)
+    x, _, _ = np_batch(one_batch(rs))
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5
+    for same in ("auto", "none", None):  # what callers still pass mean exactly that
+        np.testing.assert_array_equal(np_batch(one_batch(rs, {"preprocessing": same}))[0], x)
+    with pytest.raises(ValueError, match=r"data\.preprocessing='caffe'.*the model scales its own inputs"):
+        one_batch(rs, {"preprocessing": "caffe"})
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ CLASSES = ["glioma", "meningioma", "pituitary", "no_tumor"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from src.models import create_model
-    from src.training.multitask import MultiTaskModel
+    from src.models.task import MultiTaskModel
 
     tmp = tmp_path_factory.mktemp("explain")
     rng = np.random.default_rng(0)

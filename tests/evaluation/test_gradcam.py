@@ -13,7 +13,8 @@ import pytest
 import keras
 from keras import layers
 
-from src.evaluation.gradcam import GradCAM, GradCamError, auto_target, cam_to_mask, dice, gradcam, save_overlay
+from src.evaluation.gradcam import GradCAM, GradCamError, auto_target, cam_to_mask, gradcam, save_overlay
+from src.evaluation.metrics import dice_iou
 from src.models.heads import box_head
 from src.models.layers import Preprocess
 
@@ -100,8 +101,8 @@ def test_peak_lies_in_the_region_that_drives_the_class(model, method):
     assert _inside(_peak(res1.cams[0]), RED), _peak(res1.cams[0])
     assert res1.cams[0][GREEN].mean() < 0.1 < res1.cams[0][RED].mean()
     # thresholded map vs the true region: weak localisation is measurable
-    d_right = dice(cam_to_mask(res1.cams[0], 0.5), _region_mask(RED))
-    d_wrong = dice(cam_to_mask(res1.cams[0], 0.5), _region_mask(GREEN))
+    d_right, _ = dice_iou(cam_to_mask(res1.cams[0], 0.5), _region_mask(RED))
+    d_wrong, _ = dice_iou(cam_to_mask(res1.cams[0], 0.5), _region_mask(GREEN))
     assert d_right > 0.6 and d_wrong == 0.0
 
 
@@ -168,8 +169,8 @@ def test_cam_to_mask_and_dice():
     assert cam_to_mask(np.zeros((5, 5)), "otsu").sum() == 0
     t = np.zeros((20, 20), np.uint8)
     t[10:18, 10:18] = 1
-    assert dice(m, t) == 1.0 and dice(np.zeros_like(t), np.zeros_like(t)) == 1.0
-    assert dice(np.zeros_like(t), t) == 0.0
+    assert dice_iou(m, t)[0] == 1.0 and dice_iou(np.zeros_like(t), np.zeros_like(t))[0] == 1.0
+    assert dice_iou(np.zeros_like(t), t)[0] == 0.0
 
 
 def test_overlay_png(tmp_path):

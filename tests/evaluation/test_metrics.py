@@ -206,6 +206,11 @@ def test_hd95_of_offset_squares_is_the_offset(k):
     assert d == pytest.approx(2 * inter / 800) and i == pytest.approx(inter / (800 - inter))
 
 
+def test_dice_iou_refuses_masks_of_different_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.dice_iou(np.ones((4, 4)), np.ones((4, 4, 1)))  # would broadcast to [4, 4, 4] silently
+
+
 def _brute_hd95(a, b, spacing=(1.0, 1.0), q=95):
     """MONAI's definition, computed independently: surface = mask minus its erosion with the
     4-connected cross (a pixel on the image border is surface), all pairwise distances

@@ -9,7 +9,8 @@ import pytest
 import keras
 import tensorflow as tf
 
-from src.losses import BOX_MODES, BoxIoULoss, BoxMeanIoU, box_iou, get_loss, pairwise_iou
+from src.losses import BOX_MODES, BoxIoULoss, box_iou, get_loss, pairwise_iou
+from src.training.metrics import BoxMeanIoU
 
 ATOL = 1e-6
 
@@ -241,23 +242,6 @@ def test_get_loss_box_names():
         loss = get_loss(mode.upper())
         assert isinstance(loss, BoxIoULoss) and loss.mode == mode
     assert get_loss("giou_loss", normalize="batch").normalize == "batch"
-
-
-# ----------------------------------------------------------------- metric
-def test_box_mean_iou_metric_weighted_and_stateful():
-    metric = BoxMeanIoU()
-    y_true = np.array([[[0.0, 0.0, 0.2, 0.2], [0.1, 0.1, 0.9, 0.9]]], "float32")
-    y_pred = np.array([[[0.0, 0.0, 0.2, 0.2], [0.3, 0.3, 0.5, 0.5]]], "float32")
-    metric.update_state(y_true, y_pred, sample_weight=np.array([[1.0, 0.0]]))
-    assert float(metric.result()) == pytest.approx(1.0)
-    metric.update_state(y_true, y_pred, sample_weight=np.array([[0.0, 1.0]]))
-    assert float(metric.result()) == pytest.approx((1.0 + 0.0625) / 2)
-    metric.reset_state()
-    assert float(metric.result()) == 0.0
-    metric.update_state(np.zeros((1, 2, 4)), np.zeros((1, 2, 4)), sample_weight=np.zeros((1, 2)))
-    assert float(metric.result()) == 0.0
-    restored = BoxMeanIoU.from_config(BoxMeanIoU(mode="giou", name="g").get_config())
-    assert restored.mode == "giou" and restored.name == "g"
 
 
 # ----------------------------------------------------------------- inside a Keras model

@@ -29,11 +29,14 @@ from src.models.backbones import (
     Backbone,
     WeightsMismatchError,
     WeightsUnavailableError,
+    as_backbone,
     create_backbone,
     imagenet_weights_file,
     list_backbones,
     preprocessing_for,
 )
+from src.models.layers import PREPROCESS_MODES, Preprocess
+from src.models.unfreeze import set_trainable
 
 SIZE = 64
 NAMES = list_backbones()
@@ -53,8 +56,8 @@ EXPECTED_CHANNELS = {
 EXPECTED_PREPROCESSING = {
     "resnet50": "caffe", "resnet101": "caffe", "vgg16": "caffe",
     "resnet50v2": "tf", "mobilenet_v2": "tf",
-    "mobilenet_v3_small": "none", "mobilenet_v3_large": "none", "efficientnet_b0": "none",
-    "convnext_tiny": "none",
+    "mobilenet_v3_small": "raw255", "mobilenet_v3_large": "raw255", "efficientnet_b0": "raw255",
+    "convnext_tiny": "raw255",
 }
 KERAS_MODULE = {
     "resnet50": "resnet", "resnet101": "resnet", "resnet50v2": "resnet_v2", "mobilenet_v2": "mobilenet_v2",
@@ -117,24 +120,24 @@ def test_levels_strides_and_channels(built, name):
         assert tuple(t.shape) == (2, SIZE // s, SIZE // s, bb.feature_channels[lvl]), (name, lvl)
         assert np.isfinite(np.asarray(t)).all()
     # every level's producer is a named operation of the model
-    names = {op.name for op in bb.model.operations}
+    names = {op.name for op in bb.operations}
     assert set(bb.level_layers.values()) <= names
     # P5 is the application's last output, so all of its weights live in the backbone
-    assert bb.model.input.name == "image"
+    assert bb.input.name == "image"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_stage_names_cover_all_layers_in_order(built, name):
     bb = built(name)
     assert bb.stage_names == list(SPECS[name].stages)
-    leaves = _leaves(bb.model)
+    leaves = _leaves(bb)
     assert [lyr.name for lyr in bb.leaf_layers()] == [lyr.name for lyr in leaves]
     order = {s: i for i, s in enumerate(bb.stage_names)}
     idx = []
     for layer in leaves:
         assert layer.name in bb.layer_stages, f"{name}: {layer.name} has no stage"
         idx.append(order[bb.stage_of(layer)])
-    for op in bb.model.operations:
+    for op in bb.operations:
         assert bb.layer_stages[op.name] in order
     assert idx == sorted(idx), f"{name}: stages are not contiguous in topological order"
     # every stage owns at least one layer with weights
@@ -148,25 +151,24 @@ def test_stage_names_cover_all_layers_in_order(built, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_preprocessing_mode_matches_keras(built, name):
-    from keras.src.applications import imagenet_utils
+    """Preprocess(bb.preprocessing) on [0, 1] images == the application's preprocess_input on
+    [0, 255] pixels (the identity for the networks that normalise inside: raw255), and the
+    backbone starts with the application's own layers (no extra input scaling)."""
     import importlib
 
     bb = built(name)
     assert bb.preprocessing == EXPECTED_PREPROCESSING[name] == preprocessing_for(name)
     mod = importlib.import_module(f"keras.src.applications.{KERAS_MODULE[name]}")
-    x = np.random.default_rng(1).uniform(0, 255, (1, 8, 8, 3)).astype("float32")
-    got = np.asarray(mod.preprocess_input(x.copy()))
-    if bb.preprocessing == "none":
-        # keras' preprocess_input is a pass-through: the network has its own input layers, which
-        # expect [0, 255]; the backbone takes [0, 1] and scales first
-        np.testing.assert_array_equal(got, x)
-        first = bb.model.layers[1]
-        assert isinstance(first, keras.layers.Rescaling) and first.name.endswith("pixels_to_255")
-        assert float(np.asarray(first.scale)) == 255.0
-    else:
-        want = np.asarray(imagenet_utils.preprocess_input(x.copy(), mode=bb.preprocessing))
-        np.testing.assert_allclose(got, want, rtol=1e-6)
-        assert not any(isinstance(lyr, keras.layers.Rescaling) for lyr in bb.model.layers)
+    x01 = np.random.default_rng(1).random((1, 8, 8, 3), dtype=np.float32)
+    want = np.asarray(mod.preprocess_input(x01 * 255.0))
+    got = np.asarray(Preprocess(bb.preprocessing)(x01))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert not any(isinstance(lyr, keras.layers.Rescaling) and lyr.name.endswith("pixels_to_255")
+                   for lyr in bb.layers)
+
+
+def test_every_spec_uses_the_one_preprocessing_vocabulary():
+    assert {spec.preprocessing for spec in SPECS.values()} <= set(PREPROCESS_MODES)
 
 
 def test_layers_addressable_for_gradcam(built):
@@ -178,16 +180,55 @@ def test_layers_addressable_for_gradcam(built):
     assert a.shape == (1, 2, 2, 2048) and b.shape == (1, 4, 4, 1024)
 
 
-def test_feature_model_save_load_round_trip(built, tmp_path):
+def test_backbone_save_load_keeps_graph_metadata_and_trainable_flags(tmp_path):
     name = "mobilenet_v3_small"  # input scaling layer + auto-named layers; small file
-    bb = built(name)
+    bb = create_backbone(name, (SIZE, SIZE, 3), trainable={"from_stage": "block4"})
     path = tmp_path / f"{name}.keras"
-    bb.model.save(path)
+    bb.save(path)
     loaded = keras.models.load_model(path)
+    assert isinstance(loaded, Backbone) and loaded.architecture == name and loaded.name == f"{name}_backbone"
+    for attr in ("levels", "level_layers", "feature_strides", "feature_channels", "stage_names", "layer_stages",
+                 "preprocessing", "weights_source", "image_shape"):
+        assert getattr(loaded, attr) == getattr(bb, attr), attr
+    flags = [(lyr.name, lyr.trainable) for lyr in bb.leaf_layers() if lyr.weights]
+    assert [(lyr.name, lyr.trainable) for lyr in loaded.leaf_layers() if lyr.weights] == flags
+    assert {t for _, t in flags} == {True, False}
     x = np.random.default_rng(5).random((1, SIZE, SIZE, 3), dtype=np.float32)
     a, b = bb(x), loaded(x)
     for lvl in bb.levels:
         np.testing.assert_array_equal(np.asarray(a[lvl]), np.asarray(b[lvl]))
+
+
+def test_backbone_nested_in_a_network_survives_save_load(tmp_path):
+    bb = create_backbone("vgg16", (32, 32, 3), model_name="backbone")
+    inputs = keras.Input((32, 32, 3), name="image")
+    net = keras.Model(inputs, {"p": keras.layers.GlobalAveragePooling2D()(bb(inputs)["P5"])})
+    path = tmp_path / "net.keras"
+    net.save(path)
+    sub = keras.models.load_model(path).get_layer("backbone")
+    assert isinstance(sub, Backbone) and sub.architecture == "vgg16" and sub.stage_of("block3_conv1") == "block3"
+    assert as_backbone(sub) is sub
+
+
+def test_plain_functional_backbone_of_older_checkpoints_gets_a_view(tmp_path):
+    """Networks saved before Backbone was a Keras model hold a plain functional ``backbone``:
+    as_backbone gives a view that shares its layers (freezing the view freezes the network)."""
+    bb = create_backbone("vgg16", (32, 32, 3))
+    plain = keras.Model(bb.input, bb.output, name="backbone")
+    inputs = keras.Input((32, 32, 3), name="image")
+    net = keras.Model(inputs, {"p": keras.layers.GlobalAveragePooling2D()(plain(inputs)["P5"])})
+    path = tmp_path / "old.keras"
+    net.save(path)
+    sub = keras.models.load_model(path).get_layer("backbone")
+    assert not isinstance(sub, Backbone)
+    with pytest.raises(ValueError, match="architecture"):
+        as_backbone(sub)
+    view = as_backbone(sub, "vgg16")
+    assert view.levels == bb.levels and view.layer_stages == bb.layer_stages
+    set_trainable(view, {"from_stage": "block5"})
+    assert {v.path.split("/")[-2] for v in sub.trainable_weights} == {"block5_conv1", "block5_conv2", "block5_conv3"}
+    legacy = Backbone("vgg16", sub, input_shape=(32, 32, 3))  # the old signature (src/training/engine.py)
+    assert legacy.architecture == "vgg16" and legacy.layer_stages == bb.layer_stages
 
 
 def test_bad_arguments():
@@ -203,9 +244,9 @@ def test_bad_arguments():
 
 def test_trainable_argument(built):
     frozen = create_backbone("vgg16", (32, 32, 3), trainable=False)
-    assert frozen.model.trainable_weights == []
+    assert frozen.trainable_weights == []
     part = create_backbone("vgg16", (32, 32, 3), trainable={"from_stage": "block5"})
-    names = {v.path.split("/")[-2] for v in part.model.trainable_weights}
+    names = {v.path.split("/")[-2] for v in part.trainable_weights}
     assert names == {"block5_conv1", "block5_conv2", "block5_conv3"}
 
 
@@ -213,7 +254,7 @@ def test_trainable_argument(built):
 def test_weights_path_round_trip(tmp_path):
     a = create_backbone("mobilenet_v3_small", (SIZE, SIZE, 3))
     path = tmp_path / "a.weights.h5"
-    a.model.save_weights(str(path))
+    a.save_weights(str(path))
     b = create_backbone("mobilenet_v3_small", (SIZE, SIZE, 3), weights=str(path))
     c = create_backbone("mobilenet_v3_small", (SIZE, SIZE, 3))
     x = np.random.default_rng(2).random((2, SIZE, SIZE, 3), dtype=np.float32)
@@ -222,14 +263,14 @@ def test_weights_path_round_trip(tmp_path):
         np.testing.assert_array_equal(np.asarray(pa[lvl]), np.asarray(pb[lvl]))
     a5, c5 = np.asarray(pa["P5"]), np.asarray(pc["P5"])
     assert np.abs(a5 - c5).max() > 1e-3 * np.abs(a5).max()  # a fresh random backbone differs
-    assert b.weights_source == str(path) and b.get_config()["weights"] == str(path)
+    assert b.weights_source == str(path) and b.get_config()["weights_source"] == str(path)
 
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")
 def test_weights_path_mismatch_names_the_file(built, tmp_path):
     v = built("vgg16")
     path = tmp_path / "vgg.weights.h5"
-    v.model.save_weights(str(path))
+    v.save_weights(str(path))
     with pytest.raises(WeightsMismatchError) as e:
         create_backbone("resnet50", (SIZE, SIZE, 3), weights=str(path))
     msg = str(e.value)
@@ -316,8 +357,8 @@ def test_imagenet_downloads_verifies_caches_and_loads(tmp_path, monkeypatch, no_
         assert [r for r in requests if r[0] == "GET"] == [("GET", f"/{fname}")]
     cached = cache / "models" / fname
     assert cached.is_file() and hashlib.md5(cached.read_bytes()).hexdigest() == md5
-    # the backbone is exactly the keras application with these weights, fed [0, 255] pixels
-    np.testing.assert_allclose(np.asarray(bb(x)["P5"]), np.asarray(app(x * 255.0)), rtol=1e-5, atol=1e-5)
+    # the backbone is exactly the keras application with these weights (both fed [0, 255] pixels)
+    np.testing.assert_allclose(np.asarray(bb(x * 255.0)["P5"]), np.asarray(app(x * 255.0)), rtol=1e-5, atol=1e-5)
     assert bb.weights_source == "imagenet"
     # server gone: the cached file is used without any network access
     again = create_backbone("mobilenet_v3_small", (SIZE, SIZE, 3), weights="imagenet", cache_dir=str(cache))
@@ -397,15 +438,15 @@ def test_efficientnet_equals_keras_imagenet_graph(built, tmp_path, monkeypatch):
 
     shape = (SIZE, SIZE, 3)
     bb = built("efficientnet_b0")
-    assert any(lyr.name == "imagenet_stddev_rescaling" for lyr in bb.model.layers)
+    assert any(lyr.name == "imagenet_stddev_rescaling" for lyr in bb.layers)
     wf = imagenet_weights_file("efficientnet_b0", shape)
     assert wf.fname == "efficientnetb0_notop.h5"
     home = tmp_path / "keras_home"
     (home / "models").mkdir(parents=True)
-    md5 = _legacy_h5(bb.model, home / "models" / wf.fname)  # the backbone's weights, keras' file layout
+    md5 = _legacy_h5(bb, home / "models" / wf.fname)  # the backbone's weights, keras' file layout
     # keras' own imagenet build finds the file in its (redirected) cache: no network
     monkeypatch.setattr(kconfig, "_KERAS_DIR", str(home))
     monkeypatch.setitem(efficientnet.WEIGHTS_HASHES, "b0", (efficientnet.WEIGHTS_HASHES["b0"][0], md5))
     ref = keras.applications.EfficientNetB0(include_top=False, weights="imagenet", input_shape=shape)
     x = np.random.default_rng(4).random((2, *shape), dtype=np.float32)
-    np.testing.assert_allclose(np.asarray(bb(x)["P5"]), np.asarray(ref(x * 255.0)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(bb(x * 255.0)["P5"]), np.asarray(ref(x * 255.0)), rtol=1e-4, atol=1e-4)

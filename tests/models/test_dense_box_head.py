@@ -9,7 +9,7 @@ from src.losses.box import cell_centres, dense_boxes
 from src.models import create_model
 from src.models.heads import DenseBoxDecode
 from src.training.engine import weights_for
-from src.training.multitask import MultiTaskModel, load_checkpoint
+from src.models.task import MultiTaskModel, load_checkpoint
 
 
 def _logit(p):

@@ -12,7 +12,7 @@ from src.losses import get_loss
 from src.models import create_model
 from src.models.mtl_unet import ComposeFourClass, four_class_prediction
 from src.training.engine import train
-from src.training.multitask import MultiTaskModel, load_checkpoint
+from src.models.task import MultiTaskModel, load_checkpoint
 
 CLASSES = ["glioma", "meningioma", "pituitary", "no_tumor"]
 TINY = dict(num_classes=4, image_size=32, widths=[4, 4, 8, 8, 8], latent_dim=8, class_names=CLASSES)
@@ -78,7 +78,12 @@ def test_all_healthy_batch_gives_zero_subtype_loss_and_finite_gradients():
     grads = tape.gradient(total, model.trainable_variables)
     assert np.isfinite(float(total))
     assert float(model.head_loss_trackers["subtype"].result()) == 0.0
-    assert all(g is None or np.all(np.isfinite(g.numpy())) for g in grads)
+    paths = [v.path for v in model.trainable_variables]
+    assert [p for p, g in zip(paths, grads) if g is None] == []  # every variable is on a loss path
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+    # the masked subtype head gets exactly 0; the encoder, tumour and reconstruction heads learn
+    zero = {p for p, g in zip(paths, grads) if not np.any(g.numpy())}
+    assert zero == {p for p in paths if p.startswith("subtype_")}, sorted(zero)
     # the reconstruction head learns the input itself
     assert float(model.head_loss_trackers["recon"].result()) > 0.0
 

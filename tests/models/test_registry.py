@@ -1,11 +1,19 @@
-"""Every registered model: builds tiny, fits one step, and save -> load gives identical outputs."""
+"""Every registered model: builds tiny, fits one step, and save -> load gives identical outputs;
+the strict builder contract (unknown config keys stop with their name)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import keras
+from omegaconf import OmegaConf
 
-from src.models import create_model, list_models
-from src.training.multitask import MultiTaskModel, load_checkpoint, target_key
+from src.config import compose
+from src.heads import target_key
+from src.models import ModelConfigError, builder_keys, create_model, list_models, register_model
+from src.models.task import MultiTaskModel, load_checkpoint, split_model_config
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # one loss per target; auxiliary heads (``mask_aux1``) use their target's loss
 LOSSES = {"class": "ce", "multilabel": "bce", "boxes": "giou", "mask": "dice_focal", "tumor": "bce",
@@ -60,7 +68,8 @@ def test_registry_lists_the_architectures():
 @pytest.mark.parametrize("name", list_models())
 def test_one_step_fit_and_save_load_identical(name, tmp_path):
     keras.utils.set_random_seed(0)
-    net = create_model(name, num_classes=NUM_CLASSES, image_size=32, weights=None, **TINY.get(name, {}))
+    weights = {"weights": None} if "weights" in builder_keys(name) else {}
+    net = create_model(name, num_classes=NUM_CLASSES, image_size=32, **weights, **TINY.get(name, {}))
     outputs = list(net.output)
     model = MultiTaskModel(net, {h: HEAD_LOSSES.get(h, LOSSES[target_key(h)]) for h in outputs})
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -77,6 +86,54 @@ def test_one_step_fit_and_save_load_identical(name, tmp_path):
     assert set(p1) == set(p2) == set(outputs)
     for k in p1:
         np.testing.assert_allclose(p1[k], p2[k], atol=1e-6, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------
+# the builder contract: exactly the documented keys
+# ---------------------------------------------------------------------------------------
+def test_unknown_key_names_it_the_closest_key_and_the_allowed_ones():
+    with pytest.raises(ModelConfigError) as e:
+        create_model("small_cnn", dropuot=0.5)
+    msg = str(e.value)
+    assert msg.startswith("model.dropuot (did you mean dropout?): unknown key for model small_cnn; allowed: ")
+    assert "dropout, heads, hidden" in msg and "\n" not in msg
+    with pytest.raises(ModelConfigError, match=r"model\.weights: unknown key for model mtl_unet"):
+        create_model("mtl_unet", weights=None)
+    # the data keys reach only the builders that take them
+    net = create_model("small_cnn", num_classes=2, image_size=32, class_names=["a", "b"], widths=(4, 8))
+    assert tuple(net.output["class"].shape) == (None, 2)
+    # the task's keys are not the builder's, and a misspelt one is caught too
+    create_model("small_cnn", image_size=32, widths=(4, 8), losses={"class": "ce"}, threshold=0.5)
+    with pytest.raises(ModelConfigError, match=r"model\.los_weights \(did you mean loss_weights\?\)"):
+        create_model("small_cnn", los_weights={})
+
+
+def test_builders_with_kwargs_are_refused():
+    with pytest.raises(TypeError, match="exactly its documented keys"):
+        register_model("loose")(lambda num_classes=4, **kw: None)
+
+
+@pytest.mark.parametrize("config", sorted([f"model={p.stem}" for p in (CONF / "model").glob("*.yaml")]
+                                          + [f"experiment={p.stem}" for p in (CONF / "experiment").glob("*.yaml")]))
+def test_every_shipped_config_has_only_builder_and_task_keys(config):
+    model_cfg = OmegaConf.to_container(compose([config]).model, resolve=True)
+    name, builder, _ = split_model_config(model_cfg)
+    assert set(builder) <= set(builder_keys(name)), sorted(set(builder) - set(builder_keys(name)))
+
+
+@pytest.mark.parametrize("how", ["yaml", "command line"])
+def test_a_misspelt_model_key_stops_the_engine(how, tmp_path):
+    from src.data.records import ClassMap
+    from src.training.engine import build_model
+
+    if how == "yaml":  # a model config file of the user's with a typo
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "my_cnn.yaml").write_text("defaults:\n  - small_cnn\n  - _self_\ndropuot: 0.5\n")
+        cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "model=my_cnn"])
+    else:
+        cfg = compose(["+model.dropuot=0.5"])
+    with pytest.raises(ModelConfigError, match=r"model\.dropuot .*small_cnn"):
+        build_model(OmegaConf.to_container(cfg.model, resolve=True), ClassMap(), 32)
 
 
 def test_resnet101_detector_builds_on_resnet101():

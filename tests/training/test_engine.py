@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from src.config import compose
+from src.models.task import load_checkpoint
+from src.training import metrics as _metrics, optim as _optim  # noqa: F401  (what compile=True loads)
 from src.training.engine import train
-from src.training.multitask import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,8 @@ def test_resume_continues_from_saved_epoch(phantom_root, tmp_path, capsys):
     # what a kill after the first epoch leaves on disk: checkpoints and state, no final metrics
     (r / "phase1" / "metrics.json").unlink()
     (r / "metrics.json").unlink()
-    iters_before = int(load_checkpoint(r / "phase1" / "checkpoints" / "last.keras").optimizer.iterations.numpy())
+    iters_before = int(load_checkpoint(r / "phase1" / "checkpoints" / "last.keras",
+                                    compile=True).optimizer.iterations.numpy())
     run(cfg_for(phantom_root, tmp_path, "phase=1", "trainer.max_epochs=3", "trainer.resume=true"),
         tmp_path, "new-run-dir")
     out = capsys.readouterr().out
@@ -87,7 +89,8 @@ def test_resume_continues_from_saved_epoch(phantom_root, tmp_path, capsys):
     assert epochs == [0, 1, 2]
     state = json.loads((r / "phase1" / "state.json").read_text())
     assert state["epoch"] == 3
-    iters_after = int(load_checkpoint(r / "phase1" / "checkpoints" / "last.keras").optimizer.iterations.numpy())
+    iters_after = int(load_checkpoint(r / "phase1" / "checkpoints" / "last.keras",
+                                    compile=True).optimizer.iterations.numpy())
     assert iters_after == iters_before + 2 * 2  # two more epochs of two steps: the optimizer continued
 
 

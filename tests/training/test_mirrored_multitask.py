@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(r'''
     import numpy as np, tensorflow as tf, keras
     from keras import layers
     from src.models.heads import box_head, class_head
-    from src.training.multitask import MultiTaskModel
+    from src.models.task import MultiTaskModel
 
     def network():
         keras.utils.set_random_seed(3)

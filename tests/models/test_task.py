@@ -1,4 +1,12 @@
-"""MultiTaskModel.compute_loss and loss balancing."""
+"""The task model (src/models/task.py): MultiTaskModel.compute_loss, loss balancing, the
+split of a model config into builder and task keys, and loading a checkpoint without
+src.training."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -6,7 +14,7 @@ import keras
 
 from src.losses.balancing import LossBalancer
 from src.models import create_model
-from src.training.multitask import MultiTaskModel
+from src.models.task import TASK_KEYS, MultiTaskModel, load_checkpoint, split_model_config
 
 
 def tiny_network(num_classes=3):
@@ -122,3 +130,58 @@ def test_ema_state_survives_evaluate_and_save_load(tmp_path):
     p1, p2 = model.predict(x, verbose=0), back.predict(x, verbose=0)
     for k in p1:
         np.testing.assert_allclose(p1[k], p2[k], atol=1e-6)
+
+
+def test_split_model_config_separates_task_keys():
+    name, builder, task = split_model_config({"name": "small_cnn", "widths": [4, 8], "losses": {"class": "ce"},
+                                              "phases": {}, "balancing": "ema", "dropout": 0.1})
+    assert name == "small_cnn" and builder == {"widths": [4, 8], "dropout": 0.1}
+    assert set(task) == {"name", "losses", "phases", "balancing"} <= set(TASK_KEYS)
+    with pytest.raises(ValueError, match="no name"):
+        split_model_config({"widths": [4]})
+
+
+_LOAD_IN_FRESH_PROCESS = """
+import json, sys
+import numpy as np
+from src.models.task import MultiTaskModel, load_checkpoint
+model = load_checkpoint(sys.argv[1])
+assert isinstance(model, MultiTaskModel), type(model)
+assert getattr(model, "optimizer", None) is None
+x = np.load(sys.argv[2])
+pred = model.predict(x, verbose=0)
+np.savez(sys.argv[3], **pred)
+print(json.dumps(sorted(m for m in sys.modules if m == "src.training" or m.startswith("src.training."))))
+"""
+
+
+def test_engine_checkpoint_loads_without_src_training(tmp_path):
+    """A checkpoint compiled like the engine compiles it (its weighted head metrics from
+    src.training.metrics, a FusedAdamW with a WarmupCosine schedule from src.training.optim)
+    loads with compile=False in a process that never imports src.training."""
+    from src.training.engine import compile_model
+    from src.training.optim import make_optimizer
+
+    model = MultiTaskModel(tiny_network(), {"class": "ce", "boxes": "giou", "boxes_aux1": "dense_box"},
+                           balancing="ema")
+    opt = make_optimizer({"optimizer": "adamw", "schedule": "cosine", "weight_decay": 1e-4, "clip_norm": 1.0},
+                         1e-3, total_steps=4)
+    compile_model(model, opt, 3, False)
+    model.fit(ds(), epochs=1, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    assert type(load_checkpoint(path, compile=True).optimizer).__name__ == "FusedAdamW"  # the engine's resume
+    x, _, _ = batch(seed=5)
+    np.save(tmp_path / "x.npy", x)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(path), str(tmp_path / "x.npy"),
+                          str(tmp_path / "pred.npz")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []  # src.training never imported
+    want = model.predict(x, verbose=0)
+    got = np.load(tmp_path / "pred.npz")
+    assert set(got.files) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6)
+

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from src.models.backbones import create_backbone
-from src.training.unfreeze import count_params, parse_spec, set_trainable
+from src.models.unfreeze import count_params, parse_spec, set_trainable
 
 SIZE = 32
 MOVING = ("moving_mean", "moving_variance")
@@ -33,7 +33,7 @@ def _learnable_params(layer) -> int:
 
 def _expect(bb, chosen):
     """Expected summary numbers when exactly the layers in `chosen` are trainable."""
-    weighted = [lyr for lyr in bb.model.layers if lyr.weights]  # resnet: no nested models
+    weighted = [lyr for lyr in bb.layers if lyr.weights]  # resnet: no nested models
     total = sum(_n(v) for lyr in weighted for v in lyr.weights)
     trainable = sum(_learnable_params(lyr) for lyr in chosen)
     return {"trainable_layers": len(chosen), "total_layers": len(weighted), "trainable_params": trainable,
@@ -46,10 +46,10 @@ def _check(summary, expected):
 
 
 def test_counts_none_and_all(resnet):
-    weighted = [lyr for lyr in resnet.model.layers if lyr.weights]
+    weighted = [lyr for lyr in resnet.layers if lyr.weights]
     assert len(weighted) == 106  # 53 conv + 53 batch norm in Keras' ResNet50 without top
     _check(set_trainable(resnet, {"mode": "none"}), _expect(resnet, []))
-    assert resnet.model.trainable_weights == []
+    assert resnet.trainable_weights == []
     s = set_trainable(resnet, {"mode": "all"})
     _check(s, _expect(resnet, weighted))
     assert s["trainable_params"] == 23_534_592  # keras' ResNet50(include_top=False) trainable count
@@ -58,7 +58,7 @@ def test_counts_none_and_all(resnet):
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
 def test_counts_fraction_counts_weight_bearing_layers_from_the_end(resnet, fraction):
-    weighted = [lyr for lyr in resnet.model.layers if lyr.weights]
+    weighted = [lyr for lyr in resnet.layers if lyr.weights]
     k = int(round(fraction * len(weighted)))
     chosen = weighted[len(weighted) - k:] if k else []
     s = set_trainable(resnet, {"fraction": fraction})
@@ -66,37 +66,37 @@ def test_counts_fraction_counts_weight_bearing_layers_from_the_end(resnet, fract
     if fraction == 0.3:
         assert s["trainable_layers"] == 32
     # weightless layers follow their position: everything after the first trainable layer
-    names = [lyr.name for lyr in resnet.model.layers]
+    names = [lyr.name for lyr in resnet.layers]
     if chosen:
         first = names.index(chosen[0].name)
-        assert all(lyr.trainable for lyr in resnet.model.layers[first:])
-        assert not any(lyr.trainable for lyr in resnet.model.layers[:first])
+        assert all(lyr.trainable for lyr in resnet.layers[first:])
+        assert not any(lyr.trainable for lyr in resnet.layers[:first])
 
 
 @pytest.mark.parametrize("stage, prefixes", [("conv4", ("conv4_", "conv5_")), ("conv5", ("conv5_",)),
                                              ("conv1", ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_"))])
 def test_counts_from_stage(resnet, stage, prefixes):
-    weighted = [lyr for lyr in resnet.model.layers if lyr.weights]
+    weighted = [lyr for lyr in resnet.layers if lyr.weights]
     chosen = [lyr for lyr in weighted if lyr.name.startswith(prefixes)]
     s = set_trainable(resnet, {"from_stage": stage})
     _check(s, _expect(resnet, chosen))
-    trainable_names = {v.path.split("/")[-2] for v in resnet.model.trainable_weights}
+    trainable_names = {v.path.split("/")[-2] for v in resnet.trainable_weights}
     assert trainable_names == {lyr.name for lyr in chosen}
 
 
 def test_bn_trainable_false_freezes_every_batchnorm(resnet):
-    weighted = [lyr for lyr in resnet.model.layers if lyr.weights]
+    weighted = [lyr for lyr in resnet.layers if lyr.weights]
     chosen = [lyr for lyr in weighted if lyr.name.startswith("conv5_")
               and not isinstance(lyr, keras.layers.BatchNormalization)]
     s = set_trainable(resnet, {"from_stage": "conv5", "bn_trainable": False})
     _check(s, _expect(resnet, chosen))
-    assert not any(lyr.trainable for lyr in resnet.model.layers if isinstance(lyr, keras.layers.BatchNormalization))
+    assert not any(lyr.trainable for lyr in resnet.layers if isinstance(lyr, keras.layers.BatchNormalization))
 
 
 def test_logs_one_line(resnet, caplog):
-    with caplog.at_level(logging.INFO, logger="src.training.unfreeze"):
+    with caplog.at_level(logging.INFO, logger="src.models.unfreeze"):
         s = set_trainable(resnet, {"fraction": 0.3})
-    lines = [r.getMessage() for r in caplog.records if r.name == "src.training.unfreeze"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "src.models.unfreeze"]
     assert len(lines) == 1
     assert re.match(rf"unfreeze: 32/106 layers, {s['trainable_params']} trainable params", lines[0])
 
@@ -104,9 +104,9 @@ def test_logs_one_line(resnet, caplog):
 def test_count_params(resnet):
     set_trainable(resnet, {"from_stage": "conv5"})
     c = count_params(resnet)
-    assert c["total"] == resnet.model.count_params() == c["trainable"] + c["non_trainable"]
-    assert c["trainable"] == sum(_n(v) for v in resnet.model.trainable_weights)
-    assert count_params(resnet.model) == c
+    assert c["total"] == resnet.count_params() == c["trainable"] + c["non_trainable"]
+    assert c["trainable"] == sum(_n(v) for v in resnet.trainable_weights)
+    assert count_params(keras.Model(resnet.input, resnet.output)) == c  # a plain model over the same layers
 
 
 def _head_model(bb):
@@ -162,7 +162,7 @@ def test_frozen_backbone_runs_in_inference_mode(resnet):
 def test_nested_models_are_flattened():
     bb = create_backbone("convnext_tiny", (SIZE, SIZE, 3))
     s = set_trainable(bb, {"from_stage": "stage_3"})
-    trainable = {v.path.split("/")[-2] for v in bb.model.trainable_weights}
+    trainable = {v.path.split("/")[-2] for v in bb.trainable_weights}
     # the down-sampling block in front of stage 3 is a nested Sequential: its layers count
     assert {"convnext_tiny_downsampling_layernorm_2", "convnext_tiny_downsampling_conv_2"} <= trainable
     assert not any(n.startswith(("convnext_tiny_stage_2", "convnext_tiny_downsampling_layernorm_1")) for n in trainable)
@@ -197,7 +197,8 @@ def test_parse_spec_accepts_config_shapes():
 
 
 def test_plain_model_supports_all_but_from_stage(resnet):
-    s = set_trainable(resnet.model, {"fraction": 0.3})
+    plain = keras.Model(resnet.input, resnet.output)  # the same layers, no stages
+    s = set_trainable(plain, {"fraction": 0.3})
     assert s["trainable_layers"] == 32
     with pytest.raises(ValueError, match="needs a Backbone"):
-        set_trainable(resnet.model, {"from_stage": "conv4"})
+        set_trainable(plain, {"from_stage": "conv4"})
