@@ -95,9 +95,8 @@ def _use_input_size(data_cfg: dict, network) -> None:
 
 def run(cfg, args: Sequence[str] = ()) -> dict:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns a summary dict."""
-    from .data.pipeline import build_dataset, resolve_preprocessing
-    from .evaluation.collect import EvaluationError, check_compatible, collect, data_range, dataset_targets, \
-        output_shapes
+    from .data.pipeline import build_dataset
+    from .evaluation.collect import EvaluationError, check_compatible, collect, dataset_targets, output_shapes
     from .evaluation.compute import compute_metrics, headline, mark_mask_boxes
     from .evaluation.metrics import to_jsonable
     from .evaluation.report import save_report
@@ -119,7 +118,6 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     loaded = load_for_inference(ckpt)
     heads = check_compatible(output_shapes(loaded.network), class_map, loaded.run.info.get("classes"))
     _use_input_size(data_cfg, loaded.network)
-    data_cfg["preprocessing"] = "none" if data_cfg.get("preprocessing", "auto") == "auto" else data_cfg["preprocessing"]
     if cfg.get("batch_size"):
         data_cfg["batch_size"] = int(cfg.batch_size)
     threshold = cfg.get("threshold")
@@ -140,7 +138,7 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     arrays = collect(loaded.network, ds, heads, tta=tta, desc=f"evaluate {split}", progress=cfg.get("progress", True),
                      steps=int(math.ceil(len(records) / int(data_cfg.get("batch_size", 32)))),
                      mask_threshold=mask_threshold, thumb=int(cfg.get("thumb_size", 128)),
-                     data_range=data_range(resolve_preprocessing(data_cfg["preprocessing"], data_cfg.get("backbone"))),
+                     data_range=1.0,  # the pipeline's images are [0, 1]; the network scales them itself
                      boxes_from_mask=box_mode if mask_boxes else None, boxes_min_area=min_area)
     if arrays["n"] != len(records):
         raise EvaluationError(f"the pipeline gave {arrays['n']} images for {len(records)} records")

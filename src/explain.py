@@ -56,8 +56,6 @@ def _dataset(records, class_map, data_cfg: dict, size, batch_size: int, want_mas
     cfg = {**data_cfg, "image_size": list(size), "batch_size": int(batch_size), "augment": None, "repeat": False,
            "shuffle_buffer": 0, "cache": False, "drop_remainder": False,
            "xla": False}  # a few batches: compiling the per-batch image work would cost more than it saves
-    if cfg.get("preprocessing", "auto") == "auto":
-        cfg["preprocessing"] = "none"
     return build_dataset(records, class_map, cfg, training=False, heads=["mask"] if want_mask else ["class"])
 
 
@@ -85,7 +83,8 @@ def _load(cfg, args: Sequence[str]):
 
 
 def run_gradcam(cfg, args) -> dict:
-    from .evaluation.gradcam import GradCAM, cam_to_mask, dice, save_overlay
+    from .evaluation.gradcam import GradCAM, cam_to_mask, save_overlay
+    from .evaluation.metrics import dice_iou
     from .inference import decide
 
     loaded, bundle, classes, data_cfg, size, out = _load(cfg, args)
@@ -120,7 +119,7 @@ def run_gradcam(cfg, args) -> dict:
                 row.update(predicted=classes[k] if k < len(classes) else k, probability=float(dec["probs"][b, k]))
             if true_mask is not None and true_mask.any():
                 pm = cam_to_mask(res.cams[b], thr, largest_component=bool(g.get("largest_component", True)))
-                row["dice"] = dice(pm, true_mask)
+                row["dice"] = dice_iou(pm, true_mask)[0]
             name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(r.image).stem)
             title = f"true {r.label} | pred {row.get('predicted', '-')}"
             if "probability" in row:

@@ -43,7 +43,7 @@ BOX_MODES = ("largest", "components")
 
 # outputs averaged as they are (probabilities / scores); every other output of rank 4
 # ([B, H, W, C]: mask, recon, ...) is spatial and flipped back along the width first
-CLASS_TYPE = ("class", "multilabel", "tumor", "subtype")  # heads vocabulary: CLASS_HEADS (src/heads.py after the merge)
+from .heads import CLASS_HEADS as CLASS_TYPE  # noqa: E402  (the class-type heads)
 
 
 class InferenceError(ValueError):
@@ -61,11 +61,12 @@ def output_heads(model) -> list:
 
 def inference_of(model):
     """The inference network of a loaded model: a MultiTaskModel's
-    :meth:`~src.training.multitask.MultiTaskModel.inference_model`, or a functional
+    :meth:`~src.models.task.MultiTaskModel.inference_model`, or a functional
     model without its ``*_aux*`` heads."""
     import keras
 
-    from .training.multitask import MultiTaskModel, is_aux_head
+    from .heads import is_aux_head
+    from .models.task import MultiTaskModel
 
     if isinstance(model, MultiTaskModel):
         return model.inference_model()
@@ -81,7 +82,7 @@ def load_model_file(checkpoint):
     """``load_checkpoint`` of a ``.keras`` file, with one clear line
     (:class:`~src.runs.CheckpointError`) for a file that is not a model of this library
     (truncated, foreign, from another version)."""
-    from .training.multitask import load_checkpoint
+    from .models.task import load_checkpoint
 
     try:
         return load_checkpoint(checkpoint)

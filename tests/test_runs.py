@@ -19,7 +19,7 @@ def tree(tmp_path_factory):
     """A run folder as the engine writes it (phases 1 and 3, a tiny folder dataset in its
     config.yaml), a folder without a checkpoint, a truncated and a foreign file."""
     from src.models import create_model
-    from src.training.multitask import MultiTaskModel
+    from src.models.task import MultiTaskModel
 
     root = tmp_path_factory.mktemp("runs")
     rng = np.random.default_rng(0)

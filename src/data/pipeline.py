@@ -200,19 +200,12 @@ def _check_no_preprocessing(value) -> None:
     """``data.preprocessing`` is gone: the pipeline always yields [0, 1] RGB images and the
     network scales them itself (its ``Preprocess`` layer: the backbone's mode in
     ``src.models.backbones.SPECS``, ``model.input_scaling`` for efficient_mtnet). ``auto`` and
-    ``none`` (which mean exactly that) are accepted while callers still set them."""
+    ``none`` (which mean exactly that) are accepted: saved run configs still hold them."""
     if value in (None, False) or str(value).strip().lower() in _NO_PREPROCESSING:
         return
     raise ValueError(f"data.preprocessing={value!r} is no longer a data setting: the pipeline always yields [0, 1] "
                      "images and the model scales its own inputs (the backbone's preprocessing in "
                      "src/models/backbones.py, or model.input_scaling for efficient_mtnet); remove data.preprocessing")
-
-
-def resolve_preprocessing(name=None, backbone=None) -> str:
-    """TEMPORARY (until ``src/evaluate.py`` stops calling it): the pipeline's images are
-    always [0, 1], so this is ``"none"``; any other ``data.preprocessing`` raises."""
-    _check_no_preprocessing(name)
-    return "none"
 
 
 def _to_rgb(x01):

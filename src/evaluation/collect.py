@@ -18,8 +18,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ..data.records import NO_TUMOR
-from ..inference import CLASS_TYPE as CLASS_HEADS  # heads vocabulary
-from ..training.multitask import RECON_HEADS  # heads vocabulary
+from ..heads import CLASS_HEADS, RECON_HEADS
 
 #: the heads an evaluation scores
 EVALUATED_HEADS = set(CLASS_HEADS) | {"boxes", "mask"} | set(RECON_HEADS)
@@ -81,11 +80,6 @@ def dataset_targets(heads: Sequence[str], class_map) -> list:
     if "boxes" in heads:
         t.append("boxes_all")
     return t
-
-
-def data_range(preprocessing: str) -> Optional[float]:
-    """Value range of the pipeline's images for PSNR / SSIM (None: per batch max - min)."""
-    return {"none": 1.0, "raw255": 255.0, "tf": 2.0}.get(preprocessing)
 
 
 # ---------------------------------------------------------------------------------------

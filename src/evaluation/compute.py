@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..data.records import NO_TUMOR
-from ..training.multitask import RECON_HEADS  # heads vocabulary
+from ..heads import RECON_HEADS
 
 
 def known(col: Mapping, key: str) -> np.ndarray:

@@ -49,9 +49,9 @@ Methods: ``gradcam`` (channel weights = spatial mean of the gradients) and ``gra
 ``alpha = g^2 / (2 g^2 + sum(A) g^3)``). Maps are ReLU'd, resized bilinearly to the input
 size and min-max normalised per image.
 
-Also here: :func:`cam_to_mask` (threshold / Otsu + largest connected component),
-:func:`dice` (the Dice of :func:`src.evaluation.metrics.dice_iou`) and :func:`overlay` /
-:func:`save_overlay` (jet colormap blended, PNG).
+Also here: :func:`cam_to_mask` (threshold / Otsu + largest connected component) and
+:func:`overlay` / :func:`save_overlay` (jet colormap blended, PNG); a pseudo mask's Dice is
+:func:`src.evaluation.metrics.dice_iou`.
 """
 from __future__ import annotations
 
@@ -64,7 +64,6 @@ import keras
 import numpy as np
 
 from ..inference import fit_text_scale
-from .metrics import dice_iou
 
 METHODS = ("gradcam", "gradcam++")
 _SQUASH = ("softmax", "sigmoid")
@@ -563,15 +562,6 @@ def cam_to_mask(cam: np.ndarray, threshold: Union[float, str] = 0.5, largest_com
             k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
             m = (lab == k).astype(np.uint8)
     return m
-
-
-def dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """Foreground Dice of two binary masks (1.0 when both are empty).
-
-    Temporary alias for ``src.evaluation.metrics.dice_iou(pred, true)[0]`` (the one numpy
-    Dice), kept until :mod:`src.explain` calls that directly.
-    """
-    return dice_iou(pred, true)[0]
 
 
 def _to_uint8_rgb(image) -> np.ndarray:

@@ -222,7 +222,7 @@ def gallery_plot(rows: Sequence[tuple[str, Sequence[Mapping]]], path, title: str
 def gallery_ranking(col: Mapping, class_map, threshold: float) -> tuple[Optional[np.ndarray], np.ndarray, str]:
     """``(score per image (NaN = not ranked), candidate mask, what the score is)``: Dice on
     tumour images when masks exist, else the mean box IoU, else p(true class), else SSIM."""
-    from ..training.multitask import RECON_HEADS  # heads vocabulary
+    from ..heads import RECON_HEADS
     from .compute import class_scores, known
     from .detection import slot_ious
 
@@ -273,7 +273,7 @@ def _pick_cases(seq, k: int, groups: Sequence, exclude=(), per_group: int = 2) -
 
 def _case(i: int, col: Mapping, class_map, cs: tuple, score: np.ndarray, what: str, meta: Sequence[Mapping]) -> dict:
     """One gallery case (see :func:`gallery_plot`) of image ``i``."""
-    from ..training.multitask import RECON_HEADS  # heads vocabulary
+    from ..heads import RECON_HEADS
     from .compute import known
 
     pred, y, th = col["pred"], col["y"], col["thumbs"]

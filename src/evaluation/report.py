@@ -219,7 +219,7 @@ def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping]
         parts.append(section)
     if "mask" in heads:
         parts.append(_mask_section(heads["mask"], plots))
-    from ..training.multitask import RECON_HEADS  # heads vocabulary
+    from ..heads import RECON_HEADS
 
     for key in RECON_HEADS:
         if key in heads:

@@ -422,13 +422,6 @@ class Backbone(keras.Model):
 
     def __init__(self, inputs, outputs, name=None, *, architecture: str | None = None, weights_source=None,
                  **kwargs):
-        if isinstance(inputs, str):
-            # TEMPORARY: the signature before Backbone was a keras.Model, still called by
-            # src/training/engine.py: Backbone(architecture, functional, input_shape=...) ->
-            # a view sharing the functional's layers. Use as_backbone() instead.
-            architecture, model = inputs, outputs
-            kwargs.pop("input_shape", None)
-            inputs, outputs, name = model.input, model.output, name or model.name
         if architecture is None:
             raise ValueError("Backbone needs architecture=<name> (one of list_backbones())")
         spec = get_spec(architecture)

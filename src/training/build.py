@@ -39,9 +39,6 @@ def multi_hot_matrix(records, class_map):
 
 
 #: which ``Record.known`` flag makes a head's target known ("always": the input image)
-_KNOWN_FLAG = {"class": "label", "multilabel": "label", "tumor": "label", "subtype": "label",
-               "boxes": "boxes", "mask": "mask", "recon": "always", "reconstruction": "always"}
-
 
 def tumour_values(records) -> set:
     """The tumour-vs-healthy answers the records know (``{True}``, ``{False}``, both, none)."""
@@ -62,7 +59,7 @@ def drop_unlearnable_heads(model_cfg: dict, train_records) -> dict:
     learning to predict nothing. A tumour-vs-healthy head on data with one answer only
     (figshare has no healthy slices) is dropped too.
     """
-    from .multitask import target_key
+    from ..heads import KNOWN_FLAG, target_key
 
     heads = model_cfg.get("heads")
     if not heads:
@@ -76,7 +73,7 @@ def drop_unlearnable_heads(model_cfg: dict, train_records) -> dict:
 
     keep = []
     for h in heads:
-        flag = _KNOWN_FLAG.get(target_key(h), "always")
+        flag = KNOWN_FLAG.get(target_key(h), "always")
         if flag != "always" and not any(positive(r, flag) for r in train_records):
             why = f"no training record has a known {flag} target"
         elif target_key(h) == "tumor" and len(tumour_values(train_records)) == 1:
@@ -100,7 +97,7 @@ def weights_for(weights, heads, defaults: Optional[dict] = None) -> Optional[dic
     An auxiliary head (``<head>_aux<k>``) that ``weights`` does not name follows its head:
     its default weight (``defaults``) while the head learns, 0 when the head is off.
     """
-    from .multitask import is_aux_head, target_key
+    from ..heads import is_aux_head, target_key
 
     if not weights:
         return None
@@ -115,7 +112,7 @@ def weights_for(weights, heads, defaults: Optional[dict] = None) -> Optional[dic
 def metric_heads(model) -> list:
     """Heads that get compiled metrics: the active ones, plus loss-less outputs that
     have a dataset target of their own (e.g. the U-Net's composed 4-class ``class``)."""
-    from .multitask import RECON_HEADS, is_aux_head
+    from ..heads import RECON_HEADS, is_aux_head
 
     outs = model.output_names_of(model.network)
     extra = [h for h in outs if h not in model.heads and not is_aux_head(h) and h not in RECON_HEADS]
@@ -136,15 +133,12 @@ def build_model(model_cfg: dict, class_map, image_size, train_records=None):
     """Network from the registry wrapped in a :class:`MultiTaskModel` with its losses."""
     from ..losses import class_weights_from_labels
     from ..models import create_model
-    from .multitask import MultiTaskModel
+    from ..models.task import MultiTaskModel, split_model_config
 
-    cfg = dict(model_cfg)
-    name = cfg.pop("name")
-    losses = dict(cfg.pop("losses", None) or {})
-    for key in ("phases", "balancing", "ema_beta", "loss_weights", "preprocessing", "class_weighting"):
-        cfg.pop(key, None)
+    name, builder_cfg, task = split_model_config(model_cfg)
+    losses = dict(task.get("losses") or {})
     network = create_model(name, num_classes=class_map.num_classes, image_size=image_size,
-                           class_names=list(class_map.classes), **cfg)
+                           class_names=list(class_map.classes), **builder_cfg)
     outputs = list(network.output)
     head_losses = {}
     for head in outputs:
@@ -168,21 +162,22 @@ def build_model(model_cfg: dict, class_map, image_size, train_records=None):
 
 
 def backbone_of(model, model_cfg: dict):
-    """The :class:`Backbone` view of a model's nested backbone, or None."""
-    from ..models.backbones import Backbone
+    """The model's nested :class:`Backbone` (a view of it for checkpoints saved before
+    backbones were Keras models), or None."""
+    from ..models.backbones import Backbone, as_backbone
 
     try:
         sub = model.network.get_layer("backbone")
     except ValueError:
         return None
+    if isinstance(sub, Backbone):
+        return sub
     name = model_cfg.get("backbone")
-    if not name:
-        return None
-    return Backbone(name, sub, input_shape=tuple(sub.input.shape[1:]))
+    return as_backbone(sub, name) if name else None
 
 
 def apply_unfreeze(model, model_cfg: dict, spec) -> Optional[dict]:
-    from .unfreeze import set_trainable
+    from ..models.unfreeze import set_trainable
 
     if not spec:
         return None

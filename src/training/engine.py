@@ -228,9 +228,6 @@ def _datasets(s: Session) -> None:
     from ..data.pipeline import build_dataset
 
     data_cfg = {**s.data_cfg, "seed": int(s.cfg.seed)}
-    # the model decides its own preprocessing (inside the network): the pipeline yields [0, 1]
-    if data_cfg.get("preprocessing", "auto") == "auto":
-        data_cfg["preprocessing"] = "none"
     batch = int(data_cfg["batch_size"])
     s.steps = _steps(len(s.train_recs), batch, s.trainer.get("steps_per_epoch"))
     s.val_steps = _steps(len(s.val_recs), batch, s.trainer.get("validation_steps"))
@@ -378,12 +375,13 @@ def run_phase(s: Session, phase: str, init_ckpt: Optional[Path], budget: Optiona
 def phase_model(s: Session, p: Phase, init_ckpt: Optional[Path]):
     """The phase's model, compiled: resumed (optimizer state kept, a changed learning rate
     applied), from ``init_ckpt``, or new; loss weights, unfreezing and frozen heads set."""
-    from .multitask import load_checkpoint
+    from ..models.task import load_checkpoint
+    from . import metrics as _metrics  # noqa: F401  (the compiled metrics a resumed checkpoint holds)
     from .optim import make_optimizer, set_peak_learning_rate
 
     with s.strategy.scope():
         if p.resume_from is not None:
-            model = load_checkpoint(p.resume_from)
+            model = load_checkpoint(p.resume_from, compile=True)  # with its optimizer state
             log.info("phase %s: resuming from %s at epoch %d", p.name, p.resume_from, p.state["epoch"])
             print(f"phase {p.name}: resuming from {p.resume_from} at epoch {p.state['epoch']}")
             if set_peak_learning_rate(model.optimizer, p.lr):
@@ -472,7 +470,7 @@ def phase_callbacks(s: Session, p: Phase, model) -> PhaseCallbacks:
 
 def evaluate_best(s: Session, p: Phase) -> dict:
     """The validation metrics of the phase's best checkpoint (``last.keras`` if none)."""
-    from .multitask import load_checkpoint
+    from ..models.task import load_checkpoint
 
     best_path = p.folder.best if p.folder.best.is_file() else p.folder.last
     best = load_checkpoint(best_path)

@@ -227,8 +227,6 @@ def test_plain_functional_backbone_of_older_checkpoints_gets_a_view(tmp_path):
     assert view.levels == bb.levels and view.layer_stages == bb.layer_stages
     set_trainable(view, {"from_stage": "block5"})
     assert {v.path.split("/")[-2] for v in sub.trainable_weights} == {"block5_conv1", "block5_conv2", "block5_conv3"}
-    legacy = Backbone("vgg16", sub, input_shape=(32, 32, 3))  # the old signature (src/training/engine.py)
-    assert legacy.architecture == "vgg16" and legacy.layer_stages == bb.layer_stages
 
 
 def test_bad_arguments():

@@ -72,7 +72,7 @@ def test_two_workers_train_to_the_end_like_one_process(tmp_path):
     with sqlite3.connect(out / "mlflow.db") as db:
         assert db.execute("select count(*) from runs").fetchone()[0] == 1
 
-    from src.training.multitask import load_checkpoint
+    from src.models.task import load_checkpoint
 
     a = load_checkpoint(chief[0] / "phase3" / "checkpoints" / "last.keras")
     b = load_checkpoint(ref / "run" / "phase3" / "checkpoints" / "last.keras")
