@@ -500,8 +500,8 @@ def _ellipse_into(img, u, v, frame, S, cu, cv_, au, av, angle, edge, weight, val
     img[roi] = _blend(img[roi], a, value)
 
 
-def render_slice(patient: dict, k: int, rng: np.random.Generator,
-                 return_depth: bool = False) -> tuple[np.ndarray, ...]:
+def render_slice(patient: dict, k: int, rng: np.random.Generator,  # long on purpose: the slice is drawn
+                 return_depth: bool = False) -> tuple[np.ndarray, ...]:  # layer by layer in occlusion order
     """Slice ``k`` of a patient: (uint8 grey image, uint8 0/1 tumour mask).
 
     With ``return_depth``, also the depth below the outer head outline (float32 map, in

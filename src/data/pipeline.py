@@ -581,6 +581,27 @@ class PipelinePlan:
         return _make_dataset(self)
 
 
+def _frames_and_codecs(records, infos, size, cfg):
+    """Per record: the frame in the target size (resized + letterbox offsets), the decoder
+    (format and JPEG DCT ratio, as an index into the distinct ``codecs``) and whether the
+    decoded image still needs a resize."""
+    geometry, codec_of, codecs, need_resize = [], [], [], []
+    for r, info in zip(records, infos):
+        if r.width and r.height and (r.width, r.height) != (info.width, info.height):
+            log.debug("%s: record size %sx%s differs from header %sx%s; using the header",
+                      r.image, r.width, r.height, info.width, info.height)
+        g = _fit(info.height, info.width, size, cfg["resize"])
+        geometry.append(g)
+        ratio = _dct_ratio(info.height, info.width, g[0], g[1]) if (info.fmt == "jpeg" and cfg["dct_scaling"]) else 1
+        key = (info.fmt, ratio)
+        if key not in codecs:
+            codecs.append(key)
+        codec_of.append(codecs.index(key))
+        dh, dw = math.ceil(info.height / ratio), math.ceil(info.width / ratio)
+        need_resize.append((dh, dw) != (g[0], g[1]))
+    return geometry, codec_of, codecs, need_resize
+
+
 def plan_pipeline(records: Sequence[Record], class_map: ClassMap, cfg, training: bool,
                   heads: Optional[Iterable[str]] = None) -> PipelinePlan:
     """Probe headers, choose decoders, compute targets and masks (see module docstring)."""
@@ -603,20 +624,7 @@ def plan_pipeline(records: Sequence[Record], class_map: ClassMap, cfg, training:
     channels = cfg["channels"]
     if channels == "auto":
         channels = 1 if all(i.channels == 1 for i in infos) else 3
-    geometry, codec_of, codecs, need_resize = [], [], [], []
-    for r, info in zip(records, infos):
-        if r.width and r.height and (r.width, r.height) != (info.width, info.height):
-            log.debug("%s: record size %sx%s differs from header %sx%s; using the header",
-                      r.image, r.width, r.height, info.width, info.height)
-        g = _fit(info.height, info.width, size, cfg["resize"])
-        geometry.append(g)
-        ratio = _dct_ratio(info.height, info.width, g[0], g[1]) if (info.fmt == "jpeg" and cfg["dct_scaling"]) else 1
-        key = (info.fmt, ratio)
-        if key not in codecs:
-            codecs.append(key)
-        codec_of.append(codecs.index(key))
-        dh, dw = math.ceil(info.height / ratio), math.ceil(info.width / ratio)
-        need_resize.append((dh, dw) != (g[0], g[1]))
+    geometry, codec_of, codecs, need_resize = _frames_and_codecs(records, infos, size, cfg)
     max_boxes = cfg["max_boxes"]
     if max_boxes is None:
         max_boxes = max([1] + [len(r.boxes) for r in records])
@@ -841,33 +849,64 @@ def _image_function(do_flips: bool, photo_key: tuple, channels: int, xla: bool):
 
 
 def _make_dataset(plan: PipelinePlan) -> tf.data.Dataset:
-    cfg = plan.cfg
-    H, W = cfg["image_size"]
-    C = plan.channels
-    heads = plan.heads
-    training = plan.training
-    seed = cfg["seed"]
-    npc = cfg["num_parallel_calls"]
-    det = bool(cfg["deterministic"])
-    letterbox = plan.any_pad
-    mask_fmt = cfg["mask_format"] if "mask" in heads else None
+    """The graph of a planned pipeline: records -> decoded images (per batch, or per
+    element into the cache) -> shuffled / resampled, batched -> augmented batches with
+    their targets (see the module docstring for the order and why)."""
+    g = _Graph(plan)
+    ds = g.batched_records()
+    if g.random_needed:
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=g.base_seed, rerandomize_each_iteration=True)))
+    else:
+        ds = ds.map(lambda bt: (bt, tf.constant(0, tf.int64)))
+    ds = ds.map(g.finalise, num_parallel_calls=g.npc, deterministic=g.det)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    opts = tf.data.Options()
+    opts.deterministic = g.det
+    opts.experimental_optimization.map_parallelization = True
+    return ds.with_options(opts)
 
-    tab = plan.table
-    slices = {"meta": tab["meta"], "path": tf.constant(list(tab["path"]), tf.string)}
-    if mask_fmt == "png":
-        slices["mask_path"] = tf.constant(list(tab["mask_path"]), tf.string)
-    packed_masks = None
-    if mask_fmt == "packed":
-        bits, lengths = tab["mask_bits"]
-        # NumPy / OpenCV inside the graph unless the config asks for a pure-TF warp
-        python_masks = aug.resolve_warp((cfg["augment"] or {}).get("warp", "auto")) == "cv2"
-        packed_masks = PackedMasks(tab["meta"][:, 9:13], bits, lengths, (H, W), python=python_masks)
-    ds = tf.data.Dataset.from_tensor_slices(slices)
 
-    decoders = [_decoder(f, r, C) for f, r in plan.codecs]
+class _Graph:
+    """The tf.data functions of one :class:`PipelinePlan` (its settings bound once)."""
 
-    def load_image(path, meta):
+    def __init__(self, plan: PipelinePlan):
+        cfg = plan.cfg
+        self.plan, self.cfg = plan, cfg
+        self.H, self.W = cfg["image_size"]
+        self.C = plan.channels
+        self.heads = plan.heads
+        self.training = plan.training
+        self.npc = cfg["num_parallel_calls"]
+        self.det = bool(cfg["deterministic"])
+        self.letterbox = plan.any_pad
+        self.mask_fmt = cfg["mask_format"] if "mask" in self.heads else None
+        self.decoders = [_decoder(f, r, self.C) for f, r in plan.codecs]
+        self.packed_masks = None
+        if self.mask_fmt == "packed":
+            bits, lengths = plan.table["mask_bits"]
+            # NumPy / OpenCV inside the graph unless the config asks for a pure-TF warp
+            python_masks = aug.resolve_warp((cfg["augment"] or {}).get("warp", "auto")) == "cv2"
+            self.packed_masks = PackedMasks(plan.table["meta"][:, 9:13], bits, lengths, (self.H, self.W),
+                                            python=python_masks)
+        augc = cfg["augment"] if self.training else None
+        self.augc = augc
+        self.do_affine = bool(augc) and aug.has_affine(augc)
+        self.do_flips = bool(augc) and not self.do_affine and aug.has_flips(augc)
+        self.impl = aug.resolve_warp(augc["warp"]) if self.do_affine else None
+        photo = bool(augc) and aug.has_photometric(augc, self.C)
+        noise_std = float(augc["noise_std"]) if augc else 0.0
+        self.random_needed = self.do_affine or self.do_flips or bool(photo) or noise_std > 0
+        seed = cfg["seed"]
+        self.base_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
+        photo_key = tuple((k, _hashable(augc[k])) for k in _PHOTO_KEYS) if (photo or noise_std > 0) else ()
+        self.image_fn = _image_function(self.do_flips, photo_key, self.C, bool(cfg["xla"]))
+        self.tconst = {k: tf.constant(v) for k, v in plan.targets.items()}
+        self.batched_load = None
+
+    # ---- decoding -----------------------------------------------------------------
+    def load_image(self, path, meta):
         """One record's image -> uint8 ``[H, W, C]`` in the target frame."""
+        H, W, C = self.H, self.W, self.C
         fmt, codec, clean_end, resize = meta[1], meta[2], meta[3] > 0, meta[4] > 0
         nh, nw, top, left = meta[5], meta[6], meta[7], meta[8]
         data = tf.io.read_file(path)
@@ -876,66 +915,62 @@ def _make_dataset(plan: PipelinePlan) -> tf.data.Dataset:
                                          "(wrong signature / no JPEG end marker):", path])
         with tf.control_dependencies([check]):
             data = tf.identity(data)
-        if len(decoders) == 1:
-            img = decoders[0](data)
+        if len(self.decoders) == 1:
+            img = self.decoders[0](data)
         else:
-            img = tf.switch_case(codec, [lambda d=d: d(data) for d in decoders])
-        if plan.any_resize:
+            img = tf.switch_case(codec, [lambda d=d: d(data) for d in self.decoders])
+        if self.plan.any_resize:
             def _resize():
                 r = tf.image.resize(img, tf.stack([nh, nw]), method="bilinear", antialias=True)
                 return tf.cast(tf.clip_by_value(tf.round(r), 0, 255), tf.uint8)
             img = tf.cond(resize, _resize, lambda: img)
-        if letterbox:
+        if self.letterbox:
             img = tf.image.pad_to_bounding_box(img, top, left, H, W)
         return tf.ensure_shape(img, [H, W, C])
 
-    def load_png_mask(mask_path, meta):
+    def load_png_mask(self, mask_path, meta):
+        H, W = self.H, self.W
         nh, nw, top, left = meta[5], meta[6], meta[7], meta[8]
 
         def _load_mask():
             m = tf.io.decode_png(tf.io.read_file(mask_path), channels=1, dtype=tf.uint8)
             m = tf.cast(m > 0, tf.uint8)
             m = tf.image.resize(m, tf.stack([nh, nw]), method="nearest")
-            if letterbox:
+            if self.letterbox:
                 m = tf.image.pad_to_bounding_box(m, top, left, H, W)
             return tf.ensure_shape(m, [H, W, 1])
         return tf.cond(meta[9] > 0, _load_mask, lambda: tf.zeros([H, W, 1], tf.uint8))
 
-    def load(el):
+    def load(self, el):
         """Per element (the ``cache`` path: the cache keeps these). Packed masks are
         not in the elements: they are expanded or warped per batch (:class:`PackedMasks`)."""
-        out = {"image": load_image(el["path"], el["meta"]), "meta": el["meta"]}
-        if mask_fmt == "png":
-            out["mask"] = load_png_mask(el["mask_path"], el["meta"])
+        out = {"image": self.load_image(el["path"], el["meta"]), "meta": el["meta"]}
+        if self.mask_fmt == "png":
+            out["mask"] = self.load_png_mask(el["mask_path"], el["meta"])
         return out
 
-    def load_batch(el):
+    def load_batch(self, el):
         """Per batch of records: one tf.data call decodes the whole batch (``map_fn``),
         which saves tf.data's per-element overhead (~0.1 ms an image, measured)."""
-        img_spec = tf.TensorSpec([H, W, C], tf.uint8)
-        if mask_fmt == "png":
-            imgs, masks = tf.map_fn(lambda a: (load_image(a[0], a[1]), load_png_mask(a[2], a[1])),
+        img_spec = tf.TensorSpec([self.H, self.W, self.C], tf.uint8)
+        if self.mask_fmt == "png":
+            imgs, masks = tf.map_fn(lambda a: (self.load_image(a[0], a[1]), self.load_png_mask(a[2], a[1])),
                                     (el["path"], el["meta"], el["mask_path"]), parallel_iterations=_MAP_FN_PARALLEL,
-                                    fn_output_signature=(img_spec, tf.TensorSpec([H, W, 1], tf.uint8)))
-        else:
-            imgs = tf.map_fn(lambda a: load_image(a[0], a[1]), (el["path"], el["meta"]),
-                             fn_output_signature=img_spec, parallel_iterations=_MAP_FN_PARALLEL)
-        out = {"image": imgs, "meta": el["meta"]}
-        if mask_fmt == "png":
-            out["mask"] = masks
-        return out
+                                    fn_output_signature=(img_spec, tf.TensorSpec([self.H, self.W, 1], tf.uint8)))
+            return {"image": imgs, "meta": el["meta"], "mask": masks}
+        imgs = tf.map_fn(lambda a: self.load_image(a[0], a[1]), (el["path"], el["meta"]),
+                         fn_output_signature=img_spec, parallel_iterations=_MAP_FN_PARALLEL)
+        return {"image": imgs, "meta": el["meta"]}
 
-    shuffle = training and cfg["shuffle_buffer"] != 0
-    buf = plan.n if cfg["shuffle_buffer"] in (None, -1) else int(cfg["shuffle_buffer"] or 0)
-    rep = cfg["repeat"]
-    reps = None if rep is True else (int(rep) if rep not in (False, None, 0) else 0)
-
-    balanced = training and cfg["sampling"] == "balanced"
-
-    def _shuffle_repeat(d):
-        if shuffle and buf > 1:
+    # ---- order ---------------------------------------------------------------------
+    def _shuffle_repeat(self, d):
+        cfg, plan, seed = self.cfg, self.plan, self.cfg["seed"]
+        buf = plan.n if cfg["shuffle_buffer"] in (None, -1) else int(cfg["shuffle_buffer"] or 0)
+        rep = cfg["repeat"]
+        reps = None if rep is True else (int(rep) if rep not in (False, None, 0) else 0)
+        if self.training and cfg["shuffle_buffer"] != 0 and buf > 1:
             d = d.shuffle(buf, seed=seed, reshuffle_each_iteration=True)
-        if balanced:
+        if self.training and cfg["sampling"] == "balanced":
             d = _resample_classes(d.repeat(), plan, seed)
             if rep is not True:  # an epoch is still one pass' worth of records
                 d = d.take(plan.n)
@@ -948,98 +983,88 @@ def _make_dataset(plan: PipelinePlan) -> tf.data.Dataset:
             d = d.repeat(reps)
         return d
 
-    bs, drop = int(cfg["batch_size"]), bool(cfg["drop_remainder"])
-    if cfg["cache"] in (False, None):
-        ds = _shuffle_repeat(ds).batch(bs, drop_remainder=drop)
-        batched_load = load_batch
-    else:
-        ds = ds.map(load, num_parallel_calls=npc, deterministic=det)
+    def batched_records(self) -> tf.data.Dataset:
+        """Batches of records: decoded per batch in :meth:`finalise`, or (with ``cache``)
+        decoded per element, cached, then shuffled and batched."""
+        cfg, tab = self.cfg, self.plan.table
+        slices = {"meta": tab["meta"], "path": tf.constant(list(tab["path"]), tf.string)}
+        if self.mask_fmt == "png":
+            slices["mask_path"] = tf.constant(list(tab["mask_path"]), tf.string)
+        ds = tf.data.Dataset.from_tensor_slices(slices)
+        bs, drop = int(cfg["batch_size"]), bool(cfg["drop_remainder"])
+        if cfg["cache"] in (False, None):
+            self.batched_load = self.load_batch
+            return self._shuffle_repeat(ds).batch(bs, drop_remainder=drop)
+        ds = ds.map(self.load, num_parallel_calls=self.npc, deterministic=self.det)
         ds = ds.cache("" if cfg["cache"] == "memory" else str(cfg["cache"]))
-        ds = _shuffle_repeat(ds)
-        ds = ds.batch(bs, drop_remainder=drop, num_parallel_calls=npc, deterministic=det)
-        batched_load = None
+        ds = self._shuffle_repeat(ds)
+        return ds.batch(bs, drop_remainder=drop, num_parallel_calls=self.npc, deterministic=self.det)
 
-    augc = cfg["augment"] if training else None
-    do_affine = bool(augc) and aug.has_affine(augc)
-    do_flips = bool(augc) and not do_affine and aug.has_flips(augc)
-    impl = aug.resolve_warp(augc["warp"]) if do_affine else None
-    photo = bool(augc) and aug.has_photometric(augc, C)
-    noise_std = float(augc["noise_std"]) if augc else 0.0
-    random_needed = do_affine or do_flips or bool(photo) or noise_std > 0
-    base_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % (2 ** 31))
-    if random_needed:
-        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=base_seed, rerandomize_each_iteration=True)))
-    else:
-        ds = ds.map(lambda bt: (bt, tf.constant(0, tf.int64)))
-
-    photo_key = tuple((k, _hashable(augc[k])) for k in _PHOTO_KEYS) if (photo or noise_std > 0) else ()
-    image_fn = _image_function(do_flips, photo_key, C, bool(cfg["xla"]))
-
-    tconst = {k: tf.constant(v) for k, v in plan.targets.items()}
-
-    def finalise(batch, rnd):
-        if batched_load is not None:
-            batch = batched_load(batch)
-        imgs = batch["image"]
-        masks = batch.get("mask")
+    # ---- per batch -----------------------------------------------------------------
+    def _augment(self, batch, s):
+        """Geometric augmentation of the batch's images and masks: ``(images, masks,
+        matrices or None, hflip, vflip)`` (masks expanded from their packed crops)."""
+        imgs, masks = batch["image"], batch.get("mask")
         b = tf.shape(imgs)[0]
-        s = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(rnd, tf.int64)])
         mats = hf = vf = None
-        packed = mask_fmt == "packed"
-        if do_affine:
-            mats = aug.random_affine_matrices(b, augc, s, (H, W))
-            if packed and impl == "cv2":  # masks warped straight from their packed crops
-                imgs, masks = packed_masks.warp_with_images(batch["meta"][:, 0], mats, imgs)
+        packed = self.mask_fmt == "packed"
+        rows = batch["meta"][:, 0]
+        if self.do_affine:
+            mats = aug.random_affine_matrices(b, self.augc, s, (self.H, self.W))
+            if packed and self.impl == "cv2":  # masks warped straight from their packed crops
+                imgs, masks = self.packed_masks.warp_with_images(rows, mats, imgs)
                 packed = False
             else:
                 if packed:
-                    masks, packed = packed_masks.unpack(batch["meta"][:, 0]), False
+                    masks, packed = self.packed_masks.unpack(rows), False
                 # its own kernel: fused into image_fn, XLA would duplicate the gathers
-                imgs, masks = aug.warp(imgs, masks, mats, impl)
-        elif do_flips:
-            hf, vf = aug.random_flips(b, augc, s)
-            mats = aug.flip_matrices(hf, vf, (H, W))
+                imgs, masks = aug.warp(imgs, masks, mats, self.impl)
+        elif self.do_flips:
+            hf, vf = aug.random_flips(b, self.augc, s)
+            mats = aug.flip_matrices(hf, vf, (self.H, self.W))
         if packed:
-            masks = packed_masks.unpack(batch["meta"][:, 0])
+            masks = self.packed_masks.unpack(rows)
+        return imgs, masks, mats, hf, vf
+
+    def finalise(self, batch, rnd):
+        if self.batched_load is not None:
+            batch = self.batched_load(batch)
+        s = tf.stack([tf.constant(self.base_seed, tf.int64), tf.cast(rnd, tf.int64)])
+        imgs, masks, mats, hf, vf = self._augment(batch, s)
         with tf.device("/cpu:0"):
-            x, mask_f = image_fn(imgs, masks, s, hf, vf)
-        x = tf.ensure_shape(x, [None, H, W, 3])
-        zeros = tf.zeros([b], tf.float32)
-        idx = batch["meta"][:, 0]
-        batch = {"t_" + k: tf.gather(v, idx) for k, v in tconst.items()}
+            x, mask_f = self.image_fn(imgs, masks, s, hf, vf)
+        x = tf.ensure_shape(x, [None, self.H, self.W, 3])
+        y, w = self._targets(batch["meta"][:, 0], mats, mask_f, tf.shape(imgs)[0])
+        return x, y, w
+
+    def _targets(self, idx, mats, mask_f, b):
+        """Targets and weights of the batch's records (boxes moved with the images)."""
+        heads = self.heads
+        t = {k: tf.gather(v, idx) for k, v in self.tconst.items()}
         y, w = {}, {}
         for k in ("class", "multilabel", "tumor", "subtype"):
             if k in heads:
-                y[k] = batch["t_" + k]
-                w[k] = batch["t_" + k + "_w"]
+                y[k], w[k] = t[k], t[k + "_w"]
         if "boxes" in heads:
-            bx, bw = batch["t_boxes"], batch["t_boxes_w"]
+            bx, bw = t["boxes"], t["boxes_w"]
             if mats is not None:
                 bx, inside = aug.transform_boxes(bx, mats, valid=bw > 0)
                 bw = bw * tf.cast(inside, tf.float32)
             y["boxes"], w["boxes"] = bx, bw
         if "boxes_all" in heads:
-            ba, bc = batch["t_boxes_all"], batch["t_boxes_all_classes"]
-            cnt = batch["t_boxes_all_count"]
+            ba, bc, cnt = t["boxes_all"], t["boxes_all_classes"], t["boxes_all_count"]
             if mats is not None:
                 slot = tf.range(tf.shape(ba)[1])[None, :] < cnt[:, None]
                 ba, inside = aug.transform_boxes(ba, mats, valid=slot)
                 bc = tf.where(inside, bc, -1)
             y["boxes_all"], y["boxes_all_classes"], y["boxes_all_count"] = ba, bc, cnt
+            zeros = tf.zeros([b], tf.float32)
             for k in _BOXES_ALL:
                 w[k] = zeros
         if "mask" in heads:
-            y["mask"] = tf.ensure_shape(mask_f, [None, H, W, 1])
-            w["mask"] = batch["t_mask_w"]
-        return x, y, w
-
-    ds = ds.map(finalise, num_parallel_calls=npc, deterministic=det)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    opts = tf.data.Options()
-    opts.deterministic = det
-    opts.experimental_optimization.map_parallelization = True
-    ds = ds.with_options(opts)
-    return ds
+            y["mask"] = tf.ensure_shape(mask_f, [None, self.H, self.W, 1])
+            w["mask"] = t["mask_w"]
+        return y, w
 
 
 def _resample_classes(d: tf.data.Dataset, plan: PipelinePlan, seed) -> tf.data.Dataset:

@@ -315,6 +315,8 @@ def resolve_heads(heads: Sequence[str], aux: bool) -> list:
 # the model
 # ---------------------------------------------------------------------------------------
 @register_model("efficient_mtnet")
+# long on purpose: the network reads top to bottom like the diagram in the module docstring
+# (encoder, neck, fusion, heads); its blocks are the functions above
 def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"), context: str = "ham",
                     aux: bool = True, class_context: Optional[str] = None,
                     ltd_channels=(32, 48, 64), widths=(64, 96, 128), strides=(2, 2, 1), blocks=(3, 3, 3),

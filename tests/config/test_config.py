@@ -70,3 +70,32 @@ def test_no_project_file_is_git_ignored():
              for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     out = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True)
     assert out.stdout.strip() == "", "git ignores project files:\n" + out.stdout
+
+
+MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def _build_tiny(cfg, size=64):
+    """The engine's model build (strict keys) of a composed config at a tiny size."""
+    from src.data.dataset import make_class_map
+    from src.training.build import build_model
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if "weights" in model_cfg:
+        model_cfg["weights"] = None  # no download in tests
+    return build_model(model_cfg, make_class_map(cfg.data), size)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes_with_every_data_config_and_builds(model):
+    for data in DATA:
+        cfg = compose([f"model={model}", f"data={data}"])
+        OmegaConf.to_container(cfg.model, resolve=True)
+    net = _build_tiny(compose([f"model={model}"]))
+    assert net.heads and all(h in net.network.output for h in net.heads)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_builds_its_model(name):
+    net = _build_tiny(compose([f"experiment={name}"]))
+    assert net.heads

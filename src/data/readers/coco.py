@@ -241,17 +241,39 @@ class CocoReader(AnnotationFileReader):
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             self.fail(ann, "not a COCO annotation file (no 'images' list)")
             return []
-        folder = ann.parent
         categories = data.get("categories") or []
-        placeholder = _placeholder_ids(categories)
         cat_names = {c.get("id"): str(c.get("name")) for c in categories}
         cat_canon: dict = {}
+        images, bad_ids = self._images(ann, data["images"])
+        ids = sorted(images, key=lambda i: str(images[i][0]))
+        sizes = self._sizes(ann, images, ids, bad_ids)
+        per_image = self._annotations(ann, data.get("annotations") or [], images, ids, bad_ids,
+                                      _placeholder_ids(categories), cat_names)
+        records = []
+        for iid in ids:
+            if iid in bad_ids:
+                continue
+            path = images[iid][0]
+            w, h = sizes[iid]
+            anns = per_image[iid]
+            meta = {"coco_image_id": iid, "annotation_file": str(ann)}
+            if not anns:
+                records.append(unannotated_record(path, (w, h), self.unannotated,
+                                                  source=self.source, split=split, meta=meta))
+                continue
+            rec = self._record(ann, path, w, h, anns, cat_names, cat_canon)
+            if rec is not None:
+                rec.split, rec.source, rec.meta = split, self.source, meta
+                records.append(rec)
+        return records
 
-        # images: id -> (path, json w, json h); bad entries fail here
+    def _images(self, ann: Path, entries: list) -> tuple[dict, set]:
+        """``({image id: (path, json width, json height)}, bad ids)``; bad entries fail here."""
+        folder = ann.parent
         images: dict = {}
         bad_ids: set = set()
         names_seen: dict = {}
-        for im in data["images"]:
+        for im in entries:
             iid = im.get("id")
             name = im.get("file_name")
             if iid is None or not name:
@@ -273,8 +295,10 @@ class CocoReader(AnnotationFileReader):
                 bad_ids.add(iid)
                 continue
             images[iid] = (path, im.get("width"), im.get("height"))
+        return images, bad_ids
 
-        ids = sorted(images, key=lambda i: str(images[i][0]))
+    def _sizes(self, ann: Path, images: dict, ids: list, bad_ids: set) -> dict:
+        """``{image id: (width, height)}`` from the files; a size the JSON contradicts fails."""
         sizes = dict(zip(ids, probe_many(self, [images[i][0] for i in ids])))
         for iid in ids:
             path, jw, jh = images[iid]
@@ -286,10 +310,13 @@ class CocoReader(AnnotationFileReader):
                 self.fail(path, f"image size mismatch (the file is {size[0]}x{size[1]}, {ann} says "
                                 f"{jw}x{jh} for image id {iid})")
                 bad_ids.add(iid)
+        return sizes
 
-        # annotations, grouped by image
+    def _annotations(self, ann: Path, annotations: list, images: dict, ids: list, bad_ids: set,
+                     placeholder: set, cat_names: dict) -> dict:
+        """``{image id: [annotation]}``; Roboflow's placeholder category is dropped (counted)."""
         per_image: dict = {i: [] for i in ids}
-        for a in data.get("annotations") or []:
+        for a in annotations:
             aid = a.get("id")
             iid = a.get("image_id")
             if iid in bad_ids:
@@ -307,24 +334,7 @@ class CocoReader(AnnotationFileReader):
                 bad_ids.add(iid)
                 continue
             per_image[iid].append(a)
-
-        records = []
-        for iid in ids:
-            if iid in bad_ids:
-                continue
-            path = images[iid][0]
-            w, h = sizes[iid]
-            anns = per_image[iid]
-            meta = {"coco_image_id": iid, "annotation_file": str(ann)}
-            if not anns:
-                records.append(unannotated_record(path, (w, h), self.unannotated,
-                                                  source=self.source, split=split, meta=meta))
-                continue
-            rec = self._record(ann, path, w, h, anns, cat_names, cat_canon)
-            if rec is not None:
-                rec.split, rec.source, rec.meta = split, self.source, meta
-                records.append(rec)
-        return records
+        return per_image
 
     def _record(self, ann: Path, path: Path, w: int, h: int, anns: list, cat_names: dict,
                 cat_canon: dict) -> Optional[Record]:

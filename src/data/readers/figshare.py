@@ -473,7 +473,7 @@ class FigshareReader(Reader):
                             f"({e}); set data.cache_dir to a writable folder") from e
         return d
 
-    def _read_mat(self) -> list[Record]:
+    def _read_mat(self) -> list[Record]:  # long on purpose: convert each .mat once, keep the cache index in step
         mats = self._mat_files()
         cache = self.cache_dir()
         index_path = cache / "index.json"
