@@ -16,6 +16,15 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_graph_options():
+    """The graph options the training engine uses on a machine without a GPU (they cut
+    the tracing time of every test's first step the same way)."""
+    from src.runtime import tune_graph_optimizer
+
+    tune_graph_optimizer()
+
+
 def shared_data_root() -> Path:
     return Path(os.environ.get("BTMTL_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
 

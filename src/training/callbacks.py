@@ -234,13 +234,18 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, directory, monitor: str = "val_loss", mode: str = "auto",
                  initial_best: Optional[float] = None, min_delta: float = 0.0, save_last: bool = True,
-                 last_name: str = "last.keras", best_name: str = "best.keras"):
+                 last_name: str = "last.keras", best_name: str = "best.keras",
+                 initial_best_logs: Optional[Mapping] = None, initial_best_balancer: Optional[Mapping] = None):
         super().__init__()
         self.directory = Path(directory)
         self.monitor = monitor
         self.mode = resolve_mode(monitor, mode)
         self.best = _finite_or_none(initial_best)
         self.best_epoch: Optional[int] = None
+        #: the validation metrics of the epoch ``best.keras`` holds (``val_`` dropped) and
+        #: its loss balancer's state: the phase's final metrics without evaluating again
+        self.best_logs: Optional[dict] = dict(initial_best_logs) if initial_best_logs else None
+        self.best_balancer: Optional[dict] = dict(initial_best_balancer) if initial_best_balancer else None
         self.min_delta = abs(float(min_delta))
         self.save_last = save_last
         self.last_path = self.directory / last_name
@@ -258,6 +263,10 @@ class BestAndLastCheckpoint(keras.callbacks.Callback):
         if is_improvement(value, self.best, self.mode, self.min_delta):
             previous = self.best
             self.best, self.best_epoch = float(value), epoch + 1
+            self.best_logs = {k[4:]: float(v) for k, v in (logs or {}).items()
+                              if k.startswith("val_") and _finite_or_none(v) is not None}
+            state_fn = getattr(getattr(self.model, "balancer", None), "state", None)
+            self.best_balancer = state_fn() if callable(state_fn) else None
             opt = getattr(self.model, "optimizer", None)
             if opt is not None and uses_ema(opt):
                 # the averaged weights were validated: they are the model to keep
@@ -330,6 +339,8 @@ class EpochStateCheckpoint(keras.callbacks.Callback):
             "phase": self.phase,
             "iterations": iterations,
             "logs": {k: _finite_or_none(v) for k, v in (logs or {}).items()},  # non-finite -> null
+            "best_logs": self.checkpoint.best_logs if self.checkpoint is not None else None,
+            "best_balancer": self.checkpoint.best_balancer if self.checkpoint is not None else None,
             "time": time.time(),
             "extra": self.extra,
         }

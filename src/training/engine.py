@@ -361,7 +361,7 @@ def run_phase(s: Session, phase: str, init_ckpt: Optional[Path], budget: Optiona
                   callbacks=cbs.all, verbose=int(s.trainer.get("verbose", 1)), **s.fit_kwargs())
     if cbs.divergence.diverged:
         raise TrainingDiverged(phase, cbs.divergence.diverged, p.folder.checkpoints, p.lr)
-    metrics = evaluate_best(s, p)
+    metrics = evaluate_best(s, p, cbs.checkpoint)
     metrics.update(unfreeze=unfreeze, seconds=round(time.monotonic() - p.start, 1), timing=cbs.timing.summary())
     if cbs.budget is not None:
         metrics["budget"] = cbs.budget.summary(cbs.budget.epochs_run + p.initial_epoch)
@@ -418,6 +418,7 @@ class PhaseCallbacks:
     all: list
     divergence: Any
     timing: Any
+    checkpoint: Any = None
     budget: Any = None
 
 
@@ -437,16 +438,20 @@ def phase_callbacks(s: Session, p: Phase, model) -> PhaseCallbacks:
     ph, resumed = p.folder, p.resume_from is not None
     out = PhaseCallbacks(all=[], divergence=StopOnDivergence(),
                          timing=StepTimer(int(s.data_cfg["batch_size"]),
-                                          since=process_started() if p.name == s.phases[0] else p.start))
+                                          since=process_started() if p.name == s.phases[0] else p.start),
+                         checkpoint=BestAndLastCheckpoint(
+                             ph.checkpoints, monitor=monitor, mode=_monitor_mode(monitor),
+                             initial_best=p.state.get("best") if resumed else None,
+                             initial_best_logs=p.state.get("best_logs") if resumed else None,
+                             initial_best_balancer=p.state.get("best_balancer") if resumed else None))
     out.all = [
         out.divergence,
         out.timing,
         *([EMAValidation()] if uses_ema(model.optimizer) else []),
         *([LogBalancerState()] if model.balancer.mode != "static" else []),
         LogLearningRate(),
-        BestAndLastCheckpoint(ph.checkpoints, monitor=monitor, mode=_monitor_mode(monitor),
-                              initial_best=p.state.get("best") if resumed else None),
-        EpochStateCheckpoint(ph.state, monitor=monitor, phase=p.name),
+        out.checkpoint,
+        EpochStateCheckpoint(ph.state, phase=p.name, checkpoint=out.checkpoint),
         keras.callbacks.CSVLogger(str(ph.history), append=resumed and repair_history(ph.history, p.state) > 0),
         *s.tracker.keras_callbacks(prefix=f"phase{p.name}/"),
     ]
@@ -468,11 +473,16 @@ def phase_callbacks(s: Session, p: Phase, model) -> PhaseCallbacks:
     return out
 
 
-def evaluate_best(s: Session, p: Phase) -> dict:
-    """The validation metrics of the phase's best checkpoint (``last.keras`` if none)."""
+def evaluate_best(s: Session, p: Phase, checkpoint=None) -> dict:
+    """The validation metrics of the phase's best checkpoint (``last.keras`` if none):
+    those its epoch was validated with (recorded by the checkpoint callback, also across
+    a resume), else from evaluating it again."""
     from ..models.task import load_checkpoint
 
     best_path = p.folder.best if p.folder.best.is_file() else p.folder.last
+    if checkpoint is not None and checkpoint.best_logs and p.folder.best.is_file():
+        return {"phase": p.name, "checkpoint": str(best_path), "val": dict(checkpoint.best_logs),
+                "balancer": checkpoint.best_balancer, "best_epoch": checkpoint.best_epoch}
     best = load_checkpoint(best_path)
     best.set_loss_weights(weights_for(p.cfg.get("loss_weights"), best.heads, s.model_cfg.get("loss_weights")) or {})
     compile_model(best, None, s.bundle.class_map.num_classes, s.jit)

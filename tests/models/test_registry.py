@@ -65,7 +65,9 @@ def test_registry_lists_the_architectures():
         create_model("nope")
 
 
-@pytest.mark.parametrize("name", list_models())
+# resnet101_detector is the detector builder with another default backbone: the round trip
+# over `detector` covers it (its ResNet101 build is checked below)
+@pytest.mark.parametrize("name", [m for m in list_models() if m != "resnet101_detector"])
 def test_one_step_fit_and_save_load_identical(name, tmp_path):
     keras.utils.set_random_seed(0)
     weights = {"weights": None} if "weights" in builder_keys(name) else {}

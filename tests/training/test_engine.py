@@ -162,3 +162,22 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_good_checkpoints(ph
     epochs = [int(row["epoch"]) for row in rows]
     assert epochs[-1] == bad and sorted(set(epochs)) == list(range(bad + 1))
     assert np.isfinite(float(rows[-1]["loss"]))
+
+
+def test_final_metrics_are_what_evaluating_best_keras_gives(phantom_root, tmp_path):
+    """The phase's metrics.json takes the best epoch's validation logs instead of evaluating
+    best.keras again: they must be the same numbers."""
+    import dataclasses
+
+    from src.runs import RunFolder
+    from src.training.engine import evaluate_best, plan_phase, start_session
+
+    cfg = cfg_for(phantom_root, tmp_path, "phase=3", "trainer.max_epochs=2")
+    final, r = run(cfg, tmp_path, "run")
+    assert final["best_epoch"] in (1, 2)
+    s = start_session(cfg, tmp_path / "again")                # same data, same validation order
+    p = dataclasses.replace(plan_phase(s, "3", None), folder=RunFolder(r).phase("3"))
+    again = evaluate_best(s, p)                               # no recorded logs: load and evaluate
+    assert set(again["val"]) == set(final["val"])
+    for k, v in final["val"].items():
+        assert v == pytest.approx(again["val"][k], rel=1e-4, abs=1e-5), k

@@ -15,7 +15,7 @@ def test_sigkill_mid_epoch_then_resume_finishes_with_a_continuous_history(tmp_pa
     out, phantom = tmp_path / "out", tmp_path / "phantom"
     args = [sys.executable, "-m", "src.train", "data=phantom", f"data.root={phantom}", "data.options.n_patients=16",
             "data.options.image_size=64", "data.image_size=32", "data.batch_size=8", "model=small_cnn",
-            "model.widths=[8,16]", "phase=1", "trainer.max_epochs=4", "trainer.steps_per_epoch=40",
+            "model.widths=[8,16]", "phase=1", "trainer.max_epochs=4", "trainer.steps_per_epoch=25",
             "trainer.validation_steps=1", "trainer.verbose=0", "trainer.precision=float32", "tracking=none",
             f"paths.output_root={out}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
