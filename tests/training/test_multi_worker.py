@@ -29,7 +29,7 @@ def _free_ports(n):
 def _overrides(phantom, out, strategy):
     return ["data=phantom", f"data.root={phantom}", "data.options.n_patients=16", "data.options.image_size=64",
             "data.image_size=32", "data.batch_size=8", "model=small_cnn", "model.widths=[8,16]", "phase=3",
-            "trainer.max_epochs=2", "trainer.steps_per_epoch=3", "trainer.validation_steps=1", "trainer.verbose=0",
+            "trainer.max_epochs=1", "trainer.steps_per_epoch=3", "trainer.validation_steps=1", "trainer.verbose=0",
             "trainer.precision=float32", "tracking=mlflow", f"paths.output_root={out}", f"trainer.strategy={strategy}"]
 
 
