@@ -66,19 +66,25 @@ from . import config as _config  # noqa: F401  (registers the ${project_root:} r
 log = logging.getLogger("src.evaluate")
 
 
+SPLITS = ("train", "val", "test", "all")
+
+
 def _split_records(data_cfg: dict, cache_dir: str, split: str, max_images):
     """``(data bundle, records of split)``; an empty split is an error naming the others."""
     from .data.dataset import load_data
     from .evaluation.collect import EvaluationError
 
-    bundle = load_data(data_cfg, cache_dir=cache_dir)
-    records = bundle.split(split)
+    if split not in SPLITS:
+        raise EvaluationError(f"split={split!r}: choose one of {' | '.join(SPLITS)} (all: every image of the data, "
+                              "whatever its split: an external test set)")
+    bundle = load_data(data_cfg, cache_dir=cache_dir, assign=split != "all")
+    records = list(bundle.records) if split == "all" else bundle.split(split)
     if max_images:
         records = records[:int(max_images)]
     if not records:
         counts = {s: len(bundle.split(s)) for s in ("train", "val", "test")}
         raise EvaluationError(f"split {split!r} of data {bundle.name!r} has no images (images per split: {counts}); "
-                              "pass split=train|val|test or other data")
+                              "pass split=train|val|test|all or other data")
     return bundle, records
 
 

@@ -111,13 +111,42 @@ def test_evaluate_errors_are_clear(trained, capsys, monkeypatch):
         ([f"checkpoint={root / 'nope.keras'}"], "does not exist"),
         ([], "checkpoint=PATH is required"),
         ([f"checkpoint={root}"], "no checkpoint in"),
-        ([f"checkpoint={run_dir}", "split=holdout"], "has no images"),
+        ([f"checkpoint={run_dir}", "split=holdout"], "choose one of train | val | test | all"),
         ([f"checkpoint={run_dir}", "data.classes=[glioma,meningioma,pituitary]"], "class mismatch"),
     ]
     for args, message in cases:
         assert main([*args, "tracking=none", "progress=false"]) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+
+
+def test_split_all_evaluates_every_image_of_a_folder(trained, tmp_path, monkeypatch):
+    """An external test set is one folder: split=all scores every image, whatever the split."""
+    import cv2
+
+    from src.config import compose
+    from src.data.dataset import load_data
+
+    root, run_dir, env = trained
+    monkeypatch.setenv("BTMTL_OUTPUT_ROOT", env["BTMTL_OUTPUT_ROOT"])
+    ext = tmp_path / "external"
+    phantom = compose(["data=phantom", f"data.root={root / 'phantom'}", "data.options.n_patients=12",
+                       "data.options.image_size=64"]).data
+    by_label = {}
+    for r in load_data(phantom).records:                       # the phantom's images as class folders
+        if r.label:
+            by_label.setdefault(r.label, []).append(r.image)
+    n = 0
+    for label, paths in by_label.items():
+        (ext / label).mkdir(parents=True)
+        for p in paths[:3]:
+            cv2.imwrite(str(ext / label / Path(p).name), cv2.imread(p))
+            n += 1
+    out = tmp_path / "report"
+    assert main([f"checkpoint={run_dir}", "data=folder", f"data.root={ext}", "split=all", f"out={out}",
+                 "tracking=none", "progress=false"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"] == "all" and m["n_images"] == n
 
 
 def test_report_goes_to_the_training_runs_mlflow_record(tmp_path, monkeypatch):
