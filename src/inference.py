@@ -82,10 +82,12 @@ def load_model_file(checkpoint):
     """``load_checkpoint`` of a ``.keras`` file, with one clear line
     (:class:`~src.runs.CheckpointError`) for a file that is not a model of this library
     (truncated, foreign, from another version)."""
-    from .models.task import load_checkpoint
+    from .models.task import CheckpointLoadError, load_checkpoint
 
     try:
         return load_checkpoint(checkpoint)
+    except CheckpointLoadError as e:  # already one line naming the file
+        raise CheckpointError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - report any deserialisation problem in one line
         msg = " ".join(str(e).split())
         raise CheckpointError(f"cannot load checkpoint {checkpoint}: {type(e).__name__}: {msg}") from e

@@ -109,7 +109,8 @@ def test_a_folder_without_checkpoint_and_bad_files_are_one_line_each(tree, capsy
             assert "Traceback" not in err
             said.setdefault(str(given), set()).add(_error_line(err))
     (truncated,) = said[str(root / "truncated.keras")]   # one line, the same in all four
-    assert truncated.startswith(f"error: cannot load checkpoint {(root / 'truncated.keras').resolve()}: ")
+    assert truncated == (f"error: {(root / 'truncated.keras').resolve()} is not a Keras checkpoint: a .keras file is a "
+                         "zip archive and these 2,000 bytes are not one (cut short by a kill or a full disk, or another format)")
     assert said[str(root / "empty")] == {f"error: {runs.no_checkpoint_message(root / 'empty')}"}
     assert said["None"] == {f"error: {runs.CHECKPOINT_REQUIRED}"}
 

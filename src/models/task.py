@@ -36,7 +36,8 @@ from ..heads import ACCURACY_HEADS, BINARY_HEADS, is_aux_head, target_key
 from ..losses import get_loss
 from ..losses.balancing import LossBalancer
 
-__all__ = ["MultiTaskModel", "load_checkpoint", "TASK_KEYS", "split_model_config"]
+__all__ = ["MultiTaskModel", "load_checkpoint", "check_keras_file", "CheckpointLoadError", "TASK_KEYS",
+           "split_model_config"]
 
 #: model-config keys that are not network-builder arguments: ``name`` (the registry
 #: name), the task's losses and their weighting (``losses``, ``loss_weights``,
@@ -339,4 +340,37 @@ def load_checkpoint(path, compile: bool = False) -> MultiTaskModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return keras.saving.load_model(path, compile=compile)
+    check_keras_file(path)
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except Exception as e:  # noqa: BLE001 - any deserialisation problem becomes one line naming the file
+        raise CheckpointLoadError(f"cannot load checkpoint {path}: {type(e).__name__}: {' '.join(str(e).split())}") \
+            from e
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint file that is not a loadable Keras model (named, with what is wrong)."""
+
+
+def check_keras_file(path) -> None:
+    """Raise :class:`CheckpointLoadError` when ``path`` is not a ``.keras`` archive: Keras'
+    own message for a truncated or foreign file ("File not found ... ensure the file is an
+    accessible .keras zip file") reads as if the file were missing."""
+    import zipfile
+
+    path = Path(path)
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        raise CheckpointLoadError(f"{path} is not a Keras checkpoint: a .keras file is a zip archive and these "
+                                  f"{size:,} bytes are not one (cut short by a kill or a full disk, or another "
+                                  f"format)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointLoadError(f"{path} is a damaged zip archive ({e}); not a usable Keras checkpoint") from e
+    if bad is not None:
+        raise CheckpointLoadError(f"{path} is a damaged Keras checkpoint: its member {bad} fails its checksum")
+    if "config.json" not in names:
+        raise CheckpointLoadError(f"{path} is a zip archive but not a Keras model (no config.json inside)")

@@ -181,3 +181,15 @@ def test_final_metrics_are_what_evaluating_best_keras_gives(phantom_root, tmp_pa
     assert set(again["val"]) == set(final["val"])
     for k, v in final["val"].items():
         assert v == pytest.approx(again["val"][k], rel=1e-4, abs=1e-5), k
+
+
+def test_resume_from_a_truncated_checkpoint_is_one_clear_error(phantom_root, tmp_path):
+    from src.models.task import CheckpointLoadError
+
+    _, r = run(cfg_for(phantom_root, tmp_path, "phase=1", "trainer.max_epochs=1"), tmp_path, "cut")
+    (r / "phase1" / "metrics.json").unlink()
+    last = r / "phase1" / "checkpoints" / "last.keras"
+    last.write_bytes(last.read_bytes()[:3000])              # what a full disk leaves
+    with pytest.raises(CheckpointLoadError, match=f"{last} is not a Keras checkpoint"):
+        run(cfg_for(phantom_root, tmp_path, "phase=1", "trainer.max_epochs=2", "trainer.resume=true",
+                    f"trainer.resume_dir={r}"), tmp_path, "again")
