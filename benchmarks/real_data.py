@@ -9,7 +9,7 @@ slices, no patient ids in that layout; Kaggle: duplicate groups, exact + near, k
 one split).
 
     # the results table (JSON + markdown; --readme writes it into README.md)
-    .venv/bin/python benchmarks/real_data.py table [--recipes figshare_joint figshare_detector ...] [--budget 25m]
+    .venv/bin/python benchmarks/real_data.py table [--recipes figshare_joint figshare_detector:15m ...] [--budget 25m]
     # ablations: the recipe, then one switch changed at a time, same budget
     .venv/bin/python benchmarks/real_data.py ablate --recipe figshare_joint --budget 10m
     # re-read finished runs instead of training again
@@ -213,11 +213,15 @@ def write_readme(md: str, marker: str = "results") -> None:
 def cmd_table(args) -> None:
     runs = dict(r.split("=", 1) for r in args.runs)
     rows = []
-    for recipe in args.recipes:
+    for item in args.recipes:
+        recipe, _, budget = item.partition(":")  # recipe[:budget], e.g. figshare_unet:15m
+        budget = budget or args.budget
+        if recipe not in RECIPES:
+            raise SystemExit(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
         load = os.getloadavg()
-        run = Path(runs[recipe]) if recipe in runs else train(recipe, RECIPES[recipe][2], args.budget,
+        run = Path(runs[recipe]) if recipe in runs else train(recipe, RECIPES[recipe][2], budget,
                                                               Path(args.output_root), recipe)
-        rows.append(row_from(recipe, run, args.budget, load))
+        rows.append(row_from(recipe, run, budget, load))
         _save(rows, "real_data")
     md = markdown(rows)
     (RESULTS / "real_data.md").write_text(md)

@@ -40,8 +40,8 @@ log = logging.getLogger("src.export")
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 DEFAULT_TOLERANCE = {"savedmodel": 1e-5, "tflite": 1e-3, "onnx": 1e-3}
-ONNX_HINT = ("format=onnx needs tf2onnx, which is not installed (it is not a dependency of this project). "
-             "Install it with `pip install tf2onnx` (and `pip install onnxruntime` to verify the export), "
+ONNX_HINT = ("format=onnx needs tf2onnx, which is not installed (an optional extra of this project). "
+             "Install it with `pip install -e .[onnx]` (tf2onnx + onnxruntime, which verifies the export), "
              "or export format=savedmodel / format=tflite.")
 
 
@@ -116,7 +116,7 @@ def to_float32(model):
 
 
 def inference_model(checkpoint):
-    """``(inference model, its float32 version, info)`` of a checkpoint (anything
+    """``(inference model, its float32 version, info, loaded)`` of a checkpoint (anything
     :func:`src.inference.load_for_inference` takes)."""
     from .inference import load_for_inference
 
@@ -126,7 +126,48 @@ def inference_model(checkpoint):
     model32 = to_float32(model)
     info = {"checkpoint": str(loaded.checkpoint), "heads": loaded.heads or ["output"],
             "dropped_heads": loaded.dropped_heads, "rebuilt_float32": rebuilt}
-    return model, model32, info
+    return model, model32, info, loaded
+
+
+def verification_inputs(loaded, shape, n: int, seed: int, samples=None) -> tuple:
+    """``(x, where from)``: ``n`` images to compare the exported model with Keras on.
+
+    Real slices when there are any: the files ``samples`` names (a folder or an image),
+    else the validation images of the run's own data (when its ``data.root`` is here),
+    prepared as prediction prepares them; otherwise random ``[0, 1]`` inputs (said so).
+    """
+    from .inference import ImageReadError, frame_for, list_images, prepare, read_image
+
+    x, used = [], []
+    for path in list_images(samples) if samples else _run_images(loaded, 4 * int(n)):
+        if len(x) == int(n):
+            break
+        try:
+            image = read_image(path)
+        except ImageReadError as e:  # a broken file among the samples is skipped, not fatal
+            log.info("export: skipping %s (%s)", path, e)
+            continue
+        x.append(prepare(image, frame_for(*image.shape[:2], shape[:2], loaded.run.resize)))
+        used.append(str(path))
+    if x:
+        return np.stack(x).astype(np.float32), used
+    return np.random.default_rng(seed).random((int(n), *shape), dtype=np.float32), "random [0, 1] inputs"
+
+
+def _run_images(loaded, n: int) -> list:
+    """The first ``n`` validation images of the run's data (none when unavailable)."""
+    cfg = loaded.run.config
+    if cfg is None or cfg.get("data") is None:
+        return []
+    try:
+        from .data.dataset import load_data
+
+        bundle = load_data(cfg.data, cache_dir=cfg.get("paths", {}).get("cache_dir"))
+        records = bundle.split("val") or bundle.records
+        return [r.image for r in records[:n]]
+    except Exception as e:  # noqa: BLE001 - the data may live on another machine: fall back to random inputs
+        log.info("export: the run's data is not readable here (%s); verifying on random inputs", e)
+        return []
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,7 +319,7 @@ def default_output(checkpoint, fmt: str) -> Path:
 
 
 def export(checkpoint, fmt: str = "savedmodel", output=None, n_samples: int = 4, tolerance: Optional[float] = None,
-           seed: int = 0, opset: Optional[int] = None) -> dict:
+           seed: int = 0, opset: Optional[int] = None, samples=None) -> dict:
     """Export and verify; returns the report (also written to ``export_report.json``)."""
     import keras
     import tensorflow as tf
@@ -293,15 +334,15 @@ def export(checkpoint, fmt: str = "savedmodel", output=None, n_samples: int = 4,
             raise ExportError(ONNX_HINT) from e
     out = Path(output) if output else default_output(checkpoint, fmt)
     out.mkdir(parents=True, exist_ok=True)
-    original, model, info = inference_model(checkpoint)
+    original, model, info, loaded = inference_model(checkpoint)
     tol = float(tolerance if tolerance is not None else DEFAULT_TOLERANCE[fmt])
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
-    x = np.random.default_rng(seed).random((int(n_samples), *shape), dtype=np.float32)
+    x, inputs_from = verification_inputs(loaded, shape, n_samples, seed, samples)
     reference = _keras_outputs(model, x)
     report = {"format": fmt, **info, "output": None, "input": {"name": model.inputs[0].name, "shape": [None, *shape],
                                                                "dtype": "float32", "range": "[0, 1]"},
               "outputs": {k: {"shape": [None, *v.shape[1:]], "dtype": str(v.dtype)} for k, v in reference.items()},
-              "n_samples": int(n_samples), "seed": int(seed), "tolerance": tol, "notes": [],
+              "n_samples": int(len(x)), "verified_on": inputs_from, "seed": int(seed), "tolerance": tol, "notes": [],
               "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     if info["rebuilt_float32"]:
@@ -344,7 +385,7 @@ def export(checkpoint, fmt: str = "savedmodel", output=None, n_samples: int = 4,
 def run(cfg) -> dict:
     return export(cfg.checkpoint, cfg.get("format", "savedmodel"), output=cfg.get("output"),
                   n_samples=int(cfg.get("n_samples", 4)), tolerance=cfg.get("tolerance"), seed=int(cfg.get("seed", 0)),
-                  opset=cfg.get("opset"))
+                  opset=cfg.get("opset"), samples=cfg.get("samples"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

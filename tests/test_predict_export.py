@@ -2,6 +2,8 @@
 tumour/subtype/mask model)."""
 import csv
 import json
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -240,9 +242,14 @@ def test_predict_cli(run_dir, images, tmp_path, capsys, caplog):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
-def test_export_round_trip(run_dir, tmp_path, fmt):
-    rep = ex.export(run_dir, fmt, output=tmp_path / fmt, n_samples=3)
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite", "onnx"])
+def test_export_round_trip(run_dir, images, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("tf2onnx", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
+    # verified on real images (the folder's readable ones), as prediction prepares them
+    rep = ex.export(run_dir, fmt, output=tmp_path / fmt, n_samples=3, samples=images)
+    assert sorted(Path(p).name for p in rep["verified_on"]) == ["a_red.png", "b_grey.jpg", "c_small.png"]
     assert rep["passed"] is True, rep["max_abs_diff"]
     assert set(rep["max_abs_diff"]) == {"class", "boxes"} and rep["dropped_heads"] == ["boxes_aux1", "class_aux1"]
     assert all(v <= rep["tolerance"] for v in rep["max_abs_diff"].values())
@@ -250,19 +257,17 @@ def test_export_round_trip(run_dir, tmp_path, fmt):
     assert on_disk["passed"] is True and on_disk["format"] == fmt
     if fmt == "tflite":
         assert (tmp_path / fmt / "model.tflite").stat().st_size > 1000
+    elif fmt == "onnx":
+        assert (tmp_path / fmt / "model.onnx").stat().st_size > 1000
     else:
         assert (tmp_path / fmt / "saved_model" / "saved_model.pb").is_file()
 
 
-def test_onnx_without_tf2onnx_is_a_clear_message(run_dir, tmp_path, capsys):
-    try:
-        import tf2onnx  # noqa: F401
-        pytest.skip("tf2onnx is installed here")
-    except ImportError:
-        pass
+def test_onnx_without_tf2onnx_is_a_clear_message(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if the onnx extra were not installed: import fails
     rc = ex.main([f"checkpoint={run_dir}", "format=onnx", f"output={tmp_path / 'onnx'}"])
     err = capsys.readouterr().err
-    assert rc == 2 and "pip install tf2onnx" in err and "Traceback" not in err
+    assert rc == 2 and "pip install -e .[onnx]" in err and "Traceback" not in err
 
 
 def test_mixed_precision_model_is_rebuilt_in_float32():
