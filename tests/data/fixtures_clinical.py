@@ -10,11 +10,17 @@ import numpy as np
 AXIAL_IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def slice_pixels(k: int, rows: int = 32, cols: int = 32, base: int = 100, step: int = 20) -> np.ndarray:
-    """A head-like disc of value ``base + step * k`` on a zero background (stored values)."""
+def slice_pixels(k: int, rows: int = 32, cols: int = 32, base: int = 100, step: int = 20,
+                 texture: Optional[int] = None) -> np.ndarray:
+    """A head-like disc of value ``base + step * k`` on a zero background (stored values);
+    with ``texture`` (a seed) coarse random blobs make each patient's slices look different."""
     yy, xx = np.mgrid[:rows, :cols]
     disc = (yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 < (0.4 * min(rows, cols)) ** 2
-    return np.where(disc, base + step * k, 0).astype(np.uint16)
+    px = np.where(disc, base + step * k, 0).astype(np.int32)
+    if texture is not None:
+        blobs = np.random.default_rng([texture, k]).integers(0, 120, (4, 4))
+        px += np.where(disc, np.kron(blobs, np.ones((rows // 4 + 1, cols // 4 + 1)))[:rows, :cols], 0).astype(np.int32)
+    return px.astype(np.uint16)
 
 
 def write_dicom(path: Path, pixels: np.ndarray, *, patient: str = "PAT001", study: str = "1.2.3.4",
@@ -65,7 +71,8 @@ def write_dicom(path: Path, pixels: np.ndarray, *, patient: str = "PAT001", stud
 
 def write_series(folder: Path, n: int = 5, *, spacing: float = 2.0, patient: str = "PAT001",
                  study: str = "1.2.3.4", series: str = "1.2.3.4.1", skip: Sequence[int] = (), reverse_names=True,
-                 orientation: Sequence = AXIAL_IOP, rows: int = 32, cols: int = 32, **kw) -> list[Path]:
+                 orientation: Sequence = AXIAL_IOP, rows: int = 32, cols: int = 32, texture: Optional[int] = None,
+                 **kw) -> list[Path]:
     """A series of ``n`` slices along the orientation's normal; slice ``k`` holds
     :func:`slice_pixels` ``(k)``. File names run against the slice order (``reverse_names``)
     so a reader that orders by name gets it wrong; ``skip`` leaves slices out."""
@@ -75,7 +82,7 @@ def write_series(folder: Path, n: int = 5, *, spacing: float = 2.0, patient: str
         if k in skip:
             continue
         name = f"IM{(n - k if reverse_names else k + 1):04d}.dcm"
-        out.append(write_dicom(Path(folder) / name, slice_pixels(k, rows, cols), patient=patient, study=study,
+        out.append(write_dicom(Path(folder) / name, slice_pixels(k, rows, cols, texture=texture), patient=patient, study=study,
                                series=series, instance=k + 1, position=list(normal * spacing * k + 10.0),
                                orientation=orientation, **kw))
     return out
@@ -84,7 +91,7 @@ def write_series(folder: Path, n: int = 5, *, spacing: float = 2.0, patient: str
 # --------------------------------------------------------------------------------------
 # NIfTI
 # --------------------------------------------------------------------------------------
-def ras_volume(shape=(20, 24, 10), seed: int = 0) -> np.ndarray:
+def ras_volume(shape=(20, 24, 10), seed: int = 0, texture: bool = False) -> np.ndarray:
     """A float volume in RAS+ voxel order: a head-like ellipsoid whose value grows with
     the axial index, plus a bright marker at the right-anterior corner of each slice."""
     rng = np.random.default_rng(seed)
@@ -92,6 +99,9 @@ def ras_volume(shape=(20, 24, 10), seed: int = 0) -> np.ndarray:
     i, j, k = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
     head = ((i - X / 2) / (0.45 * X)) ** 2 + ((j - Y / 2) / (0.45 * Y)) ** 2 < 1
     vol = np.where(head, 200.0 + 30.0 * k, 0.0) + rng.normal(0, 1, shape) * head
+    if texture:   # coarse blobs: each subject's slices look different (no near-duplicates across subjects)
+        blobs = rng.integers(0, 300, (4, 4, Z)).astype(np.float32)
+        vol += head * np.kron(blobs, np.ones((X // 4 + 1, Y // 4 + 1, 1)))[:X, :Y, :]
     vol[X - 4:X - 1, Y - 4:Y - 1, :] = 2000.0    # right (high i), anterior (high j)
     return vol.astype(np.float32)
 
@@ -130,11 +140,11 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, axcodes: Optio
 
 
 def write_subject(root: Path, subject: str, axcodes: Optional[str] = None, seg_slices=(3, 4, 5),
-                  shape=(20, 24, 10), seed: int = 0, seq: str = "t1ce") -> tuple[Path, Path]:
+                  shape=(20, 24, 10), seed: int = 0, seq: str = "t1ce", texture: bool = False) -> tuple[Path, Path]:
     """BraTS layout: ``<root>/<subject>/<subject>_<seq>.nii.gz`` + ``_seg.nii.gz`` (+ a flair)."""
     d = Path(root) / subject
     aff = ras_affine()
-    img = write_nifti(d / f"{subject}_{seq}.nii.gz", ras_volume(shape, seed), aff, axcodes)
+    img = write_nifti(d / f"{subject}_{seq}.nii.gz", ras_volume(shape, seed, texture), aff, axcodes)
     write_nifti(d / f"{subject}_flair.nii.gz", ras_volume(shape, seed + 1), aff, axcodes)
     seg = write_nifti(d / f"{subject}_seg.nii.gz", ras_labels(shape, seg_slices), aff, axcodes)
     return img, seg

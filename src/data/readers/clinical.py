@@ -321,9 +321,15 @@ class VolumeReader(Reader):
     """
 
     OPTIONS: tuple = COMMON_OPTIONS
+    REQUIRES = ""                # the module reading the format (pydicom, nibabel)
     _map = FigshareReader._map   # the thread pool that reports failures in item order
 
     def __init__(self, root, class_map=None, on_error: str = "raise", **options):
+        import importlib.util
+
+        if self.REQUIRES and importlib.util.find_spec(self.REQUIRES) is None:
+            raise DataError(f"data={self.name} needs {self.REQUIRES}: pip install -e '.[clinical]' "
+                            f"(or pip install {self.REQUIRES})")
         super().__init__(root, class_map=class_map, on_error=on_error, **{k: _plain(v) for k, v in options.items()})
         self.check_options(self.OPTIONS)
         o = self.options

@@ -310,6 +310,7 @@ class DicomReader(VolumeReader):
     """DICOM series under a folder tree (see the module docstring)."""
 
     OPTIONS = OPTIONS
+    REQUIRES = "pydicom"
 
     def __init__(self, root, class_map=None, on_error: str = "raise", **options):
         super().__init__(root, class_map=class_map, on_error=on_error, **options)

@@ -249,6 +249,7 @@ class NiftiReader(VolumeReader):
     """NIfTI image volumes with label volumes (see the module docstring)."""
 
     OPTIONS = OPTIONS
+    REQUIRES = "nibabel"
 
     def __init__(self, root, class_map=None, on_error: str = "raise", **options):
         super().__init__(root, class_map=class_map, on_error=on_error, **options)
