@@ -308,8 +308,16 @@ def test_nifti_cache_reused_and_mask_volume_round_trip(tmp_path, monkeypatch):
     monkeypatch.setattr(nifti, "volume_slices", lambda *a, **k: pytest.fail("converted again"))
     assert len(_read("nifti", tmp_path / "n", tmp_path).read()) == 10
     monkeypatch.undo()
-    # changing a setting converts again; touching the source too
+    # changing a setting converts again; so does a label volume newer than the cache
     assert len(_read("nifti", tmp_path / "n", tmp_path, every=2).read()) == 5
+    _read("nifti", tmp_path / "n", tmp_path).read()
+    t = time.time() + 5
+    os.utime(seg, (t, t))
+    calls = []
+    real = nifti.volume_slices
+    monkeypatch.setattr(nifti, "volume_slices", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert len(_read("nifti", tmp_path / "n", tmp_path).read()) == 10 and len(calls) == 1
+    monkeypatch.undo()
     # the display masks written back as a volume land on the label volume's voxels
     import nibabel as nib
 
@@ -338,3 +346,61 @@ def test_bad_options_are_one_line(tmp_path):
         _read("nifti", tmp_path / "d", tmp_path, empty_slices="maybe")
     with pytest.raises(DataError, match="unknown option"):
         _read("dicom", tmp_path / "d", tmp_path, windw="header")
+
+
+# --------------------------------------------------------------------------------------
+# DICOM of other people's making: the files pydicom ships
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
+def test_dicom_pydicom_example_files_decode_like_the_uncompressed_one(tmp_path, name):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    ref, other = get_testdata_file("MR_small.dcm"), get_testdata_file(name)
+    if other is None or ref is None:
+        pytest.skip(f"pydicom's example file {name} is not installed")
+    out = []
+    for k, f in enumerate((ref, other)):
+        (tmp_path / f"d{k}").mkdir()
+        shutil.copy(f, tmp_path / f"d{k}" / Path(f).name)
+        try:
+            (rec,) = _read("dicom", tmp_path / f"d{k}", tmp_path / f"c{k}").read()
+        except DataError as e:
+            if "needs its decoder" in str(e):
+                pytest.skip(f"no decoder plugin for {name}: {e}")
+            raise
+        out.append(_png(rec.image))
+        assert rec.group.startswith("pt-") and rec.width == 64
+    assert np.array_equal(out[0], out[1])
+
+
+def test_dicom_truncated_example_file_is_one_line(tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    f = get_testdata_file("MR_truncated.dcm")
+    if f is None:
+        pytest.skip("pydicom's MR_truncated.dcm is not installed")
+    (tmp_path / "d").mkdir()
+    shutil.copy(f, tmp_path / "d" / "MR_truncated.dcm")
+    with pytest.raises(DataError) as e:
+        _read("dicom", tmp_path / "d", tmp_path).read()
+    assert "MR_truncated.dcm: cannot decode the pixel data" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dicom_multiframe_colour_file_is_a_series_of_frames(tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    f = get_testdata_file("SC_rgb_rle_2frame.dcm")
+    if f is None:
+        pytest.skip("pydicom's SC_rgb_rle_2frame.dcm is not installed")
+    (tmp_path / "d").mkdir()
+    shutil.copy(f, tmp_path / "d")
+    recs = _read("dicom", tmp_path / "d", tmp_path, min_foreground=0).read()
+    assert [r.meta["slice"] for r in recs] == [0, 1] and {r.meta["file"] for r in recs} == {Path(f).name}
+    assert {(r.width, r.height) for r in recs} == {(100, 100)} and _png(recs[0].image).ndim == 2
