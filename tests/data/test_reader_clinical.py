@@ -404,3 +404,24 @@ def test_dicom_multiframe_colour_file_is_a_series_of_frames(tmp_path):
     recs = _read("dicom", tmp_path / "d", tmp_path, min_foreground=0).read()
     assert [r.meta["slice"] for r in recs] == [0, 1] and {r.meta["file"] for r in recs} == {Path(f).name}
     assert {(r.width, r.height) for r in recs} == {(100, 100)} and _png(recs[0].image).ndim == 2
+
+
+def test_nifti_nibabel_example_files_with_pairing_none(tmp_path):
+    import shutil
+
+    import nibabel
+
+    data = Path(nibabel.__file__).parent / "tests" / "data"
+    if not (data / "anatomical.nii").is_file() or not (data / "example4d.nii.gz").is_file():
+        pytest.skip("nibabel's example volumes are not installed")
+    d = tmp_path / "n"
+    d.mkdir()
+    for f in ("anatomical.nii", "example4d.nii.gz"):
+        shutil.copy(data / f, d / f)
+    with pytest.raises(DataError, match=r"example4d.nii.gz: a 4-D volume .*data.options.channel"):
+        _read("nifti", d, tmp_path, pairing="none", label="glioma").read()
+    recs = _read("nifti", d, tmp_path, pairing="none", label="glioma", channel=0, min_foreground=0).read()
+    vols = {r.meta["volume"].split("/")[-1] for r in recs}
+    assert vols == {"anatomical.nii", "example4d.nii.gz"}
+    assert all(r.label == "glioma" and not r.known["mask"] for r in recs)
+    assert len({r.group for r in recs}) == 2

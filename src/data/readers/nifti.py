@@ -19,6 +19,9 @@ b) ``folders`` (Medical Segmentation Decathlon, nnU-Net): ``<root>/**/<image_dir
    imagesTr]``, ``label_dir`` ``[labels, labelsTr]``); the subject id is ``<case>``. A 4-D
    image (several sequences in one file, as Decathlon's BrainTumour) needs ``channel``.
 
+c) ``none``: every NIfTI file under ``root`` is an image volume of its own (the subject id
+   is its name), without a label volume: masks unknown, labels from ``labels`` / ``label``.
+
 An image without its label volume is an error naming the file it looked for, unless
 ``require_labels: false`` (its slices then have unknown masks: classification only).
 
@@ -255,9 +258,10 @@ class NiftiReader(VolumeReader):
         super().__init__(root, class_map=class_map, on_error=on_error, **options)
         o = self.options
         self.pairing = str(o.get("pairing") or "suffix").lower()
-        if self.pairing not in ("suffix", "folders"):
-            raise DataError(f"nifti reader: pairing must be 'suffix' (BraTS <subject>_t1ce / _seg names) or "
-                            f"'folders' (images/ + labels/ with one name), got {o.get('pairing')!r}")
+        if self.pairing not in ("suffix", "folders", "none"):
+            raise DataError(f"nifti reader: pairing must be 'suffix' (BraTS <subject>_t1ce / _seg names), "
+                            f"'folders' (images/ + labels/ with one name) or 'none' (every file an image, no "
+                            f"label volumes), got {o.get('pairing')!r}")
         self.sequences = [s.lower() for s in as_list(o.get("sequence", DEFAULTS["sequence"]))]
         self.label_suffixes = [s.lower() for s in as_list(o.get("label_suffix", DEFAULTS["label_suffix"]))]
         self.image_dirs = as_list(o.get("image_dir", DEFAULTS["image_dir"]))
@@ -294,7 +298,10 @@ class NiftiReader(VolumeReader):
     # ---- pairing ----------------------------------------------------------------------
     def pairs(self) -> list[VolumePair]:
         files = [p for p in self.files_under_root() if is_nifti(p)]
-        pairs = self._pairs_suffix(files) if self.pairing == "suffix" else self._pairs_folders(files)
+        if self.pairing == "none":
+            pairs = [VolumePair(nifti_stem(p), p, None) for p in files]
+        else:
+            pairs = self._pairs_suffix(files) if self.pairing == "suffix" else self._pairs_folders(files)
         if not pairs and not len(self.skipped):
             hint = (f"pairing=suffix looks for <subject>_<sequence>.nii.gz with a sequence in {self.sequences} "
                     f"and <subject>_<label suffix> with a label suffix in {self.label_suffixes}"
