@@ -16,8 +16,8 @@ nib = pytest.importorskip("nibabel")
 from tests.data.fixtures_clinical import write_nifti, write_series, write_subject  # noqa: E402
 
 CLASSES = ["glioma", "meningioma", "pituitary", "no_tumor"]
-TINY = ["data.split.val_fraction=0.25", "data.split.test_fraction=0.25", "data.image_size=32", "model.widths=[8,16]", "trainer.max_epochs=1", "trainer.verbose=0", "tracking=none",
-        "data.batch_size=8", "data.cache=false"]
+TINY = ["data.split.val_fraction=0.25", "data.split.test_fraction=0.25", "data.image_size=32", "model.widths=[8,16]",
+        "trainer.max_epochs=1", "trainer.verbose=0", "tracking=none", "data.batch_size=8", "data.cache=false"]
 
 
 def _json(text: str) -> dict:

@@ -19,7 +19,8 @@ def slice_pixels(k: int, rows: int = 32, cols: int = 32, base: int = 100, step: 
     px = np.where(disc, base + step * k, 0).astype(np.int32)
     if texture is not None:
         blobs = np.random.default_rng([texture, k]).integers(0, 120, (4, 4))
-        px += np.where(disc, np.kron(blobs, np.ones((rows // 4 + 1, cols // 4 + 1)))[:rows, :cols], 0).astype(np.int32)
+        tiles = np.kron(blobs, np.ones((rows // 4 + 1, cols // 4 + 1)))[:rows, :cols]
+        px += np.where(disc, tiles, 0).astype(np.int32)
     return px.astype(np.uint16)
 
 

@@ -1,4 +1,3 @@
-# MAINTAINER NOTE: read 00_HELPER_RULES_READ_FIRST.md at the worktree root before anything else (deadline, CPU, python). Delete this line.
 """What the clinical readers (``dicom``, ``nifti``) share: volumes in, cached 2-D slices out.
 
 A DICOM series and a NIfTI volume are both a stack of slices of one patient. The two

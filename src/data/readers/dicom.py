@@ -387,7 +387,7 @@ class DicomReader(VolumeReader):
             log.warning("dicom reader: %d series without PatientID: grouped by their (hashed) study instead",
                         no_patient)
         if table is not None:
-            table.report_unused("series")
+            table.report_unused(table.kind)
         return records
 
     def _label_fn(self, table: Optional[LabelTable], h: dict, files_of: list):

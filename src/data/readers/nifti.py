@@ -1,4 +1,3 @@
-# MAINTAINER NOTE: read 00_HELPER_RULES_READ_FIRST.md at the worktree root before anything else (deadline, CPU, python). Delete this line.
 """``nifti`` reader: NIfTI volumes (``.nii``, ``.nii.gz``) with label volumes, as BraTS shares them.
 
 Layouts (option ``pairing``)
