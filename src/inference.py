@@ -575,6 +575,15 @@ class ImagePrediction:
         return draw_overlay(self.image, self.drawn, self.mask, self.label)
 
 
+@dataclass
+class ArrayImage:
+    """An image already in memory (a slice of a volume): RGB uint8 ``[H, W, 3]`` and the
+    path it is reported under."""
+
+    path: Path
+    image: np.ndarray
+
+
 class Predictor:
     """A checkpoint ready to predict image files at their original size.
 
@@ -634,7 +643,8 @@ class Predictor:
     def predict_files(self, files: Iterable, batch_size: int = 16,
                       progress: Optional[bool] = None) -> Iterator[Union[ImagePrediction, Skipped]]:
         """One :class:`Skipped` per unreadable file (at once, with a warning) and one
-        :class:`ImagePrediction` per image (a batch at a time), each in file order."""
+        :class:`ImagePrediction` per image (a batch at a time), each in file order.
+        ``files`` may hold :class:`ArrayImage` items (slices of a volume)."""
         from tqdm.auto import tqdm
 
         files = list(files)
@@ -644,7 +654,10 @@ class Predictor:
         with tqdm(total=len(files), unit="img", desc="predict", disable=disable) as bar:
             for f in files:
                 try:
-                    img = read_image(f)
+                    if isinstance(f, ArrayImage):
+                        img, f = f.image, f.path
+                    else:
+                        img = read_image(f)
                 except ImageReadError as e:
                     log.warning("skipped %s: %s", f, e)
                     bar.update(1)

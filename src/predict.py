@@ -24,6 +24,17 @@ trained model and writes to ``output``:
   unsupported format, corrupt data). A bad file never stops the batch; each is also
   reported as a warning.
 
+**Volumes.** A NIfTI file (``.nii``, ``.nii.gz``) or DICOM files among the inputs (a DICOM
+folder: files grouped into series and ordered as ``data=dicom`` does) are sliced as the
+``nifti`` / ``dicom`` readers slice them, with the window / axis options of the run that
+trained the model: one row per slice, with ``volume`` (the NIfTI path, or the series'
+hashed id) and ``slice`` (its index along the axis), masks and overlays named
+``<volume>__slice<k>``. For a NIfTI volume and a model with a mask head the predicted
+masks are also written as one volume, ``volumes/<name>_mask.nii.gz`` (uint8 0/1, the
+input's shape, affine and voxel order: it overlays the input in any viewer), named in the
+``mask_volume`` column. A series with a missing slice or an unreadable volume is one row
+of ``skipped.csv``.
+
 ``checkpoint`` is a training run folder (its last phase's ``checkpoints/best.keras``), a
 phase folder, a ``checkpoints`` folder or a ``.keras`` file (:func:`src.runs.resolve_checkpoint`:
 the same rules in every command). The model's input size is read from the model; the
@@ -50,7 +61,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -74,11 +85,13 @@ class PredictResult:
     checkpoint: Path
     tta: str = "none"
     boxes_from_mask: Optional[str] = None   # the mode, when the boxes were read off the mask
+    volumes: int = 0                        # NIfTI volumes and DICOM series among the inputs
+    mask_volumes: list = field(default_factory=list)   # predicted mask volumes written (NIfTI)
 
     def summary(self) -> dict:
         return {"output": str(self.output), "checkpoint": str(self.checkpoint), "predicted": len(self.rows),
                 "skipped": len(self.skipped), "classes": self.classes, "tta": self.tta,
-                "boxes_from_mask": self.boxes_from_mask,
+                "boxes_from_mask": self.boxes_from_mask, "volumes": self.volumes, "mask_volumes": self.mask_volumes,
                 "predictions_csv": str(self.output / "predictions.csv"),
                 "skipped_csv": str(self.output / "skipped.csv")}
 
@@ -89,6 +102,8 @@ def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch
             boxes_from_mask="largest", boxes_min_area: int = 0) -> PredictResult:
     """Predict every image of ``inputs`` (file or folder) into ``output``; see the module
     docstring and :class:`src.inference.Predictor` for the settings."""
+    from .data.records import DataError
+    from .data.volumes import find_volumes, load_stacks
     from .inference import Predictor, Skipped, list_images
     from .runs import CheckpointError
 
@@ -102,20 +117,83 @@ def predict(checkpoint, inputs, output, threshold: Optional[float] = None, batch
     except ValueError as e:   # a bad setting (tta, boxes_from_mask, resize) or input
         raise PredictError(str(e)) from e
     out.mkdir(parents=True, exist_ok=True)
-    log.info("predicting %d files with %s (input %dx%d, %s, classes %s, threshold %.3g)", len(files), pr.checkpoint,
-             pr.size[0], pr.size[1], pr.resize, pr.classes, pr.threshold)
     rows, skipped = [], []
+
+    def skip(path, reason):
+        reason = reason[len(str(path)):].lstrip(": ") if reason.startswith(str(path)) else reason
+        log.warning("skipped %s: %s", path, reason)
+        skipped.append({"path": str(path), "reason": reason})
+
+    try:
+        files, volumes = find_volumes(files, _slice_options(pr), skip)
+    except DataError as e:
+        raise PredictError(str(e)) from e
+    log.info("predicting %d files%s with %s (input %dx%d, %s, classes %s, threshold %.3g)", len(files),
+             f" and {len(volumes)} volumes" if volumes else "", pr.checkpoint, pr.size[0], pr.size[1], pr.resize,
+             pr.classes, pr.threshold)
     for r in pr.predict_files(files, batch_size=batch_size, progress=progress):
         if isinstance(r, Skipped):
             skipped.append({"path": str(r.path), "reason": r.reason})
         else:
             rows.append(_row(r, pr, out, _out_name(r.path, root), save_masks, save_overlays))
-    _write_csv(out / "predictions.csv", _columns(pr), rows)
+    mask_volumes = []
+    for stack in load_stacks(volumes, skip):
+        vrows, written = _predict_stack(stack, pr, out, root, batch_size, save_masks, save_overlays)
+        rows += vrows
+        mask_volumes += [str(written)] if written else []
+    cols = _columns(pr) + (["volume", "slice"] + (["mask_volume"] if mask_volumes else []) if volumes else [])
+    _write_csv(out / "predictions.csv", cols, rows)
     _write_csv(out / "skipped.csv", ["path", "reason"], skipped, fmt=False)
     if skipped:
-        log.warning("%d of %d files skipped (see %s)", len(skipped), len(files), out / "skipped.csv")
+        log.warning("%d inputs skipped (see %s)", len(skipped), out / "skipped.csv")
     return PredictResult(output=out, rows=rows, skipped=skipped, classes=pr.classes, checkpoint=pr.checkpoint,
-                         tta=pr.tta, boxes_from_mask=pr.mask_boxes)
+                         tta=pr.tta, boxes_from_mask=pr.mask_boxes, volumes=len(volumes), mask_volumes=mask_volumes)
+
+
+def _slice_options(pr) -> dict:
+    """The run's ``dicom`` / ``nifti`` reader options that shape slices (window, axis ...),
+    so a volume is sliced for prediction as the training data was; {} for other runs."""
+    cfg = pr.loaded.run.config
+    data = cfg.get("data") if cfg is not None else None
+    if data is None or str(data.get("reader")) not in ("dicom", "nifti"):
+        return {}
+    from omegaconf import OmegaConf
+
+    opts = data.get("options")
+    return dict(OmegaConf.to_container(opts, resolve=True) if opts is not None else {})
+
+
+def _predict_stack(stack, pr, out: Path, root: Path, batch_size: int, save_masks: bool, save_overlays: bool):
+    """Rows of one volume's slices; for a NIfTI volume and a model with a mask head, the
+    predicted mask volume ``volumes/<name>_mask.nii.gz`` with the input's affine."""
+    from .data.readers.nifti import nifti_stem
+    from .data.volumes import as_rgb
+    from .inference import ArrayImage
+
+    if stack.kind == "nifti":
+        p = stack.path.with_name(nifti_stem(stack.path))
+        rel = p.relative_to(root) if root.is_dir() else Path(p.name)
+    else:   # the series' folder and its hashed id: several series may share a folder
+        rel = (stack.path.parent.relative_to(root) if root.is_dir() else Path()) / stack.name
+    base = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in "__".join(rel.parts))
+    items = [ArrayImage(Path(f), as_rgb(s)) for f, s in zip(stack.files, stack.slices)]
+    rows, masks = [], {}
+    for k, r in enumerate(pr.predict_files(items, batch_size=batch_size, progress=False)):
+        row = _row(r, pr, out, f"{base}__slice{k:04d}", save_masks, save_overlays)
+        row.update(volume=stack.name, slice=k)
+        rows.append(row)
+        if r.mask is not None:
+            masks[k] = r.mask
+    written = None
+    if stack.geometry is not None and masks:
+        import nibabel as nib
+
+        written = out / "volumes" / f"{base}_mask.nii.gz"
+        written.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(stack.geometry.mask_volume(masks), str(written))
+        for row in rows:
+            row["mask_volume"] = str(written)
+    return rows, written
 
 
 def _columns(pr) -> list:
