@@ -170,6 +170,14 @@ def test_gradcam_on_a_named_stage(nets, name):
     assert res.cams.min() >= 0 and res.cams.max() <= 1
 
 
+def test_gradcam_on_a_vit_block_uses_its_patch_tokens_as_a_grid(nets):
+    from src.evaluation.gradcam import GradCAM, token_grid
+
+    assert token_grid(1 + 14 * 14, (224, 224)) == (1, 14, 14) and token_grid(1 + 2 * 3, (32, 48)) == (1, 2, 3)
+    res = GradCAM(nets("vit_tiny"), layer="backbone/block5")(_x(seed=7), head="class")
+    assert res.raw.shape == (2, 2, 2) and res.cams.shape == (2, SIZE, SIZE) and np.isfinite(res.cams).all()
+
+
 def test_detector_over_window_backbone():
     net = create_model("detector", backbone="swin_tiny", image_size=SIZE, num_classes=2)  # box levels P3-P5
     boxes = np.asarray(net(_x())["boxes"])
