@@ -1,4 +1,3 @@
-# MAINTAINER NOTE: read 00_HELPER_RULES_READ_FIRST.md at the worktree root before anything else (deadline, CPU, python). Delete this line.
 """ResNet-18 / ResNet-34 (basic blocks) and ResNeXt-50 32x4d (grouped bottlenecks), written in Keras.
 
 ``keras.applications`` has ResNet50/101/152 only; these are the torchvision / timm

@@ -1,4 +1,3 @@
-# MAINTAINER NOTE: read 00_HELPER_RULES_READ_FIRST.md at the worktree root before anything else (deadline, CPU, python). Delete this line.
 """Vision Transformer (Dosovitskiy et al. 2021) backbones, written in Keras, as a feature pyramid.
 
 ``vit_b16`` (ViT-B/16: width 768, 12 blocks, 12 heads, 86 M parameters) and ``vit_tiny``
