@@ -26,7 +26,7 @@ HEAD_LOSSES = {"boxes_aux1": "dense_box"}  # the dense box head's training maps
 TINY = {"small_cnn": {"widths": (4, 8)}, "detector": {"backbone": "mobilenet_v3_small"},
         "resnet101_detector": {"backbone": "mobilenet_v3_small"},
         "classifier": {"backbone": "mobilenet_v2"},
-        "unet": {"backbone": "mobilenet_v3_small", "heads": ("mask", "class"), "decoder_channels": (8, 8, 8, 4, 4)},
+        "unet": {"backbone": "resnet18", "heads": ("mask", "class"), "decoder_channels": (8, 8, 8, 4, 4)},
         "efficient_mtnet": {"ltd_channels": (8, 8, 8), "widths": (8, 12, 16), "blocks": (1, 1, 1), "expansion": 2,
                             "neck_channels": 16, "decoder_channels": (16, 8), "ham_channels": 8, "ham_rank": 4,
                             "class_hidden": 8}}
