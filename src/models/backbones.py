@@ -687,6 +687,13 @@ def fetch_imagenet_weights(name: str, input_shape=(224, 224, 3), *, cache_dir: s
     """
     wf = imagenet_weights_file(name, input_shape)
     cache_dir = os.path.expanduser(cache_dir or _keras_home())
+    if not wf.origin:  # written here: only a converted local file (read-only folders are fine)
+        target = os.path.join(cache_dir, "models", wf.fname)
+        if os.path.exists(target):
+            return target
+        raise WeightsUnavailableError(_unavailable_message(
+            name, wf, "no Keras ImageNet file is published for this network (it is written in this library) "
+            "and no converted file is cached", cache_dir))
     try:
         os.makedirs(os.path.join(cache_dir, "models"), exist_ok=True)
     except OSError:
@@ -694,12 +701,6 @@ def fetch_imagenet_weights(name: str, input_shape=(224, 224, 3), *, cache_dir: s
     if not os.access(cache_dir, os.W_OK):  # where keras.utils.get_file falls back to
         cache_dir = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
     target = os.path.join(cache_dir, "models", wf.fname)
-    if not wf.origin:  # written here: only a converted local file
-        if os.path.exists(target):
-            return target
-        raise WeightsUnavailableError(_unavailable_message(
-            name, wf, "no Keras ImageNet file is published for this network (it is written in this library) "
-            "and no converted file is cached", cache_dir))
     if not os.path.exists(target):
         try:
             _probe(wf.origin, timeout)
