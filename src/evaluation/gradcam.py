@@ -25,7 +25,9 @@ nesting, any number of heads and with skip connections around the target layer. 
 run in inference mode (dropout off, BatchNorm moving statistics).
 
 Layer names: ``"backbone/conv5_block3_out"`` (a path through nested models), a bare name
-found anywhere when it is unique (``"conv5_block3_out"``), or ``None``: the 4-D feature
+found anywhere when it is unique (``"conv5_block3_out"``; a layer giving ViT tokens
+``[B, N, D]`` such as ``"backbone/block11"`` is explained on its patch tokens as their
+grid, class token left out: :func:`token_grid`), or ``None``: the 4-D feature
 map closest to the head that every path from the input to the head passes through (so
 ``P5`` of a detector, the last stage of ``small_cnn``, the bottleneck of a U-Net; for a
 dense head such as ``mask``, the last decoder map with more channels than the head's
@@ -145,6 +147,7 @@ class Target:
     path: tuple
     nodes: tuple
     index: int = 0
+    grid: Optional[tuple] = None   # (prefix, h, w) of a token layer [B, prefix + h*w, D]; None for a 4-D map
 
     @property
     def name(self) -> str:
@@ -294,10 +297,31 @@ def resolve_target(model, layer: Union[None, str, Target] = None, head: Optional
     outs = [t for t in (as_functional(lyr).outputs if _is_graph_model(lyr) else _layer_outputs(lyr))]
     if len(outs) != 1:
         raise GradCamError(f"layer {'/'.join(path)!r} has {len(outs)} outputs; name a layer inside it")
-    if len(outs[0].shape) != 4:
-        raise GradCamError(f"layer {'/'.join(path)!r} gives shape {tuple(outs[0].shape)}; Grad-CAM needs a 4-D "
-                           "feature map [B, H, W, C]")
-    return Target(path, (None,) * len(path), 0)
+    shape = tuple(outs[0].shape)
+    grid = token_grid(shape[1], f.inputs[0].shape[1:3]) if len(shape) == 3 and shape[1] else None
+    if len(shape) != 4 and grid is None:
+        raise GradCamError(f"layer {'/'.join(path)!r} gives shape {shape}; Grad-CAM needs a 4-D feature map "
+                           "[B, H, W, C] or tokens [B, N, C] that form a grid of the image's shape")
+    return Target(path, (None,) * len(path), 0, grid)
+
+
+def token_grid(n_tokens: int, image_hw) -> Optional[tuple]:
+    """``(prefix, h, w)`` of ``n_tokens`` tokens of an image of ``image_hw`` pixels (a ViT
+    block's output): the fewest prefix (class / register) tokens, at most 8, after which
+    the rest form a grid of the image's aspect ratio; None when there is no such grid."""
+    ih, iw = int(image_hw[0]), int(image_hw[1])
+    for prefix in range(0, min(9, n_tokens)):
+        n = n_tokens - prefix
+        h = int(round(np.sqrt(n * ih / iw)))
+        if h > 0 and n % h == 0 and abs((n // h) * ih - h * iw) <= max(ih, iw) // h:
+            return prefix, h, n // h
+    return None
+
+
+def _as_map(t, grid, tf):
+    """Tokens ``[B, prefix + h*w, D]`` -> ``[B, h, w, D]`` (the prefix tokens left out)."""
+    prefix, h, w = grid
+    return tf.reshape(t[:, prefix:], [-1, h, w, t.shape[-1]])
 
 
 def _layer_outputs(layer) -> list:
@@ -484,6 +508,8 @@ class GradCAM:
                 score = tf.reduce_sum(_score(outs[head], logit, cls, tf))
             a = tf.cast(feat, tf.float32)
             g = tf.cast(tape.gradient(score, feat), tf.float32)
+            if target.grid is not None:  # ViT tokens: the patch tokens as their grid
+                a, g = _as_map(a, target.grid, tf), _as_map(g, target.grid, tf)
             if method == "gradcam":
                 w = tf.reduce_mean(g, axis=[1, 2])
             else:

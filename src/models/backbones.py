@@ -1,4 +1,5 @@
-"""Backbones: ``keras.applications`` networks as named feature pyramids.
+"""Backbones: ``keras.applications`` networks and the ResNet-18/34, ResNeXt-50, ViT and Swin
+written here, as named feature pyramids.
 
 ``create_backbone(name, input_shape, weights, trainable)`` returns a :class:`Backbone`: a
 functional ``keras.Model`` built directly on the application's own layers, whose output is
@@ -32,6 +33,17 @@ brackets)::
                         in: convnext_tiny_downsampling_block_2 (384)
                         model output (the final LayerNormalization, 768)
 
+    resnet18 / resnet34 conv2_blockN_out (64)  conv3 (128)  conv4 (256)  conv5 (512)   (last block of each stage)
+    resnext50           conv2_block3_out (256)  conv3_block4_out (512)  conv4_block6_out (1024)  conv5_block3_out (2048)
+    swin_tiny           stage1_block1 (96)  stage2_block1 (192)  stage3_block5 (384)  norm (768)
+    vit_b16 / vit_tiny  P3: P3_upsample  P4: P4_map  P5: P5_pool (768 / 192; no P2)
+
+The last four rows are networks written here, not in ``keras.applications``
+(:mod:`src.models.resnet`, :mod:`src.models.vit`, :mod:`src.models.swin`). A ViT has one
+resolution (stride 16): its P4 is the normed patch tokens as their grid (the class token
+left out), P3 that map upsampled twice, P5 it average-pooled 2x2, all parameter-free. Swin
+keeps its tokens as maps, so its stages are the levels.
+
 ("in: X" = the tensor feeding layer X, i.e. the expansion activation of the first
 strided block for MobileNetV3 and the last block's output for ConvNeXt; the producing
 layers there are auto-named.)
@@ -52,7 +64,10 @@ mobilenet_v2 / mobilenet_v3 / efficientnet_b0: stem, block1..blockN, top (blocks
 as in the papers' stage tables: mobilenet_v2 and efficientnet_b0 have block1..block7,
 mobilenet_v3_small block1..block5, mobilenet_v3_large block1..block6); convnext_tiny:
 stem, stage_0..stage_3 (a stage owns the down-sampling block in front of it; the final
-LayerNormalization belongs to stage_3). Input and input-scaling layers belong to the first
+LayerNormalization belongs to stage_3); resnet18 / resnet34 / resnext50 as resnet; vit_* and
+swin_tiny: stem (patch embedding, class token, position embedding), stage1..stage4 (ViT: the
+12 blocks in groups of 3; Swin: its four stages, each with the patch merging in front, the
+final norm in stage4). Input and input-scaling layers belong to the first
 stage; auto-named layers (activations, merges) belong to the stage of their input.
 
 Preprocessing (``backbone.preprocessing``, a mode of :data:`src.models.layers.PREPROCESS_MODES`,
@@ -69,6 +84,14 @@ as before.
 EfficientNet: Keras inserts an extra ``Rescaling(1/sqrt(std))`` after its Normalization
 layer only when built with ``weights="imagenet"`` (keras issue 49930). The backbone always
 contains it, so the same graph serves random init, ImageNet weights and a local file.
+
+The networks written here take ``torch`` preprocessing (ImageNet mean / std: the
+torchvision and timm ResNets and Swin) or ``tf`` (ViT: timm's augreg ViTs use mean = std =
+0.5). No Keras ImageNet file exists for them: ``imagenet`` loads
+``<cache_dir>/models/<name>_imagenet_notop.weights.h5`` when it is there (a timm checkpoint
+converted by :mod:`src.models.convert`) and otherwise fails at once with
+:class:`WeightsUnavailableError` naming ``model.weights=null``, the converter and
+``model.weights=/path/to/<file>``.
 
 Weights: ``None`` -> random init; ``"imagenet"`` -> the Keras ImageNet file, downloaded
 with ``keras.utils.get_file`` (same file name, URL and hash that ``keras.applications``
@@ -272,6 +295,40 @@ def _convnext_stage(prefix: str) -> Callable[[str], str | None]:
 
 
 # ---------------------------------------------------------------------------------------
+# Networks written here (no keras.applications model): ResNet-18/34, ResNeXt-50, ViT, Swin.
+# ---------------------------------------------------------------------------------------
+def own_weights_file(name: str) -> WeightsFile:
+    """No Keras ImageNet file is published for the networks written here: ``imagenet`` means
+    a converted file (:mod:`src.models.convert`) under this name in ``~/.keras/models``."""
+    return WeightsFile(f"{name}_imagenet_notop.weights.h5", "", None)
+
+
+def _own_file(name: str):
+    return lambda input_shape: own_weights_file(name)
+
+
+def _own_specs() -> list:
+    from . import resnet, swin, vit
+
+    out = []
+    for name in ("resnet18", "resnet34", "resnext50"):
+        last = resnet.DEPTHS[name]
+        out.append(BackboneSpec(name, getattr(resnet, name), "torch",
+                                {f"P{s}": f"conv{s}_block{last[s - 2]}_out" for s in (2, 3, 4, 5)},
+                                _RESNET_STAGES, _resnet_stage, _own_file(name)))
+    for name in vit.CONFIGS:
+        out.append(BackboneSpec(name, getattr(vit, name), vit.CONFIGS[name].preprocessing,
+                                {"P3": "P3_upsample", "P4": "P4_map", "P5": "P5_pool"},
+                                vit.STAGES, vit.stage_rule(vit.CONFIGS[name].depth), _own_file(name)))
+    for name, c in swin.CONFIGS.items():
+        out.append(BackboneSpec(name, getattr(swin, name), "torch",
+                                {f"P{i + 2}": f"stage{i + 1}_block{d - 1}" for i, d in enumerate(c.depths[:3])}
+                                | {"P5": "norm"},
+                                swin.STAGES, swin.stage_rule, _own_file(name)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # The table of architectures.
 # ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -281,11 +338,13 @@ class BackboneSpec:
     ``preprocessing``: the input scaling the application expects, a mode of
     :data:`src.models.layers.PREPROCESS_MODES`. ``levels`` values: ``"layer"`` = the output
     of that layer, ``"input:layer"`` = the tensor feeding that layer, ``"output"`` = the
-    application's output.
+    application's output. ``app``: the ``keras.applications`` function name, or for the
+    networks written here (:mod:`.resnet`, :mod:`.vit`, :mod:`.swin`) a builder
+    ``fn(inputs) -> keras.Model``.
     """
 
     name: str
-    app: str
+    app: str | Callable[[Any], keras.Model]
     preprocessing: str
     levels: Mapping[str, str]
     stages: tuple[str, ...]
@@ -338,6 +397,7 @@ SPECS: dict[str, BackboneSpec] = {s.name: s for s in (
                   "P4": "input:convnext_tiny_downsampling_block_2", "P5": "output"},
                  ("stem", "stage_0", "stage_1", "stage_2", "stage_3"), _convnext_stage("convnext_tiny"),
                  _convnext_file("tiny")),
+    *_own_specs(),
 )}
 
 
@@ -518,6 +578,10 @@ def _normalise_shape(input_shape, spec: BackboneSpec) -> tuple:
 def _build_app(spec: BackboneSpec, input_shape: tuple) -> keras.Model:
     """The application without top on an input named ``image`` (random weights)."""
     inputs = keras.Input(shape=input_shape, name="image")
+    if callable(spec.app):  # written here: a builder on the input
+        if None in input_shape[:2]:
+            raise ValueError(f"backbone {spec.name} needs a fixed input size, got input_shape={input_shape}")
+        return spec.app(inputs)
     app = getattr(keras.applications, spec.app)(include_top=False, weights=None, input_tensor=inputs,
                                                  input_shape=input_shape)
     if spec.name.startswith("efficientnet"):
@@ -577,6 +641,17 @@ def _keras_home() -> str:
 
 def _unavailable_message(name: str, wf: WeightsFile, reason: str, cache_dir: str) -> str:
     cached = os.path.join(os.path.expanduser(cache_dir), "models", wf.fname)
+    if not wf.origin:  # a network written here: no file to download, a converted one
+        return (
+            f"could not obtain the ImageNet weights for backbone {name!r}: {reason}\n"
+            f"  file: {wf.fname}\n"
+            "Either:\n"
+            "  - train from scratch: model.weights=null\n"
+            f"  - or use a local copy: convert the timm/torchvision ImageNet checkpoint (a .safetensors or "
+            f".npz state dict, on any machine) with `python -m src.models.convert {name} <checkpoint> "
+            f"{wf.fname}` and pass model.weights=/path/to/{wf.fname}; or place it in ~/.keras/models/ "
+            f"(here: {cached}) and keep model.weights=imagenet."
+        )
     return (
         f"could not obtain the ImageNet weights for backbone {name!r}: {reason}\n"
         f"  file: {wf.fname}\n  from: {wf.origin}\n"
@@ -612,6 +687,13 @@ def fetch_imagenet_weights(name: str, input_shape=(224, 224, 3), *, cache_dir: s
     """
     wf = imagenet_weights_file(name, input_shape)
     cache_dir = os.path.expanduser(cache_dir or _keras_home())
+    if not wf.origin:  # written here: only a converted local file (read-only folders are fine)
+        target = os.path.join(cache_dir, "models", wf.fname)
+        if os.path.exists(target):
+            return target
+        raise WeightsUnavailableError(_unavailable_message(
+            name, wf, "no Keras ImageNet file is published for this network (it is written in this library) "
+            "and no converted file is cached", cache_dir))
     try:
         os.makedirs(os.path.join(cache_dir, "models"), exist_ok=True)
     except OSError:
@@ -655,7 +737,11 @@ def load_weights_file(backbone: Backbone | keras.Model, path, *, name: str | Non
             reason = reason[:600] + " ..."
         shape = tuple(model.input.shape[1:])
         hint = ""
-        if name in SPECS:
+        if name in SPECS and not imagenet_weights_file(name, (224, 224, 3)).origin:
+            hint = (f"\nThe file must hold the weights of a {name} without its classification top: a "
+                    f".weights.h5 saved from create_backbone({name!r}) or converted by src.models.convert "
+                    f"({imagenet_weights_file(name).fname}), with the same input channels.")
+        elif name in SPECS:
             hint = (f"\nThe file must hold the weights of a {name} without its classification top: the "
                     f"Keras ImageNet file {imagenet_weights_file(name, shape).fname} or a .weights.h5 saved "
                     f"from create_backbone({name!r}) with the same input channels.")

@@ -5,7 +5,9 @@ classes, or one sigmoid per class with ``multilabel: true``, output ``multilabel
 a box head with one box per class slot (slot k always means class k), valid by
 construction: dense maps over P3-P5 by default, the seed's flattened-P5 regression with
 ``box_head: flat``. ``detector`` is the same over any backbone; ``classifier`` has the class
-head only (plain transfer learning, the backbones the seed projects compared).
+head only (plain transfer learning, the backbones the seed projects compared); ``tumornet``
+is the classifier over ``resnet18`` (TumorNet; its two-stage plan is in
+``conf/model/tumornet.yaml``).
 """
 from __future__ import annotations
 
@@ -88,3 +90,7 @@ def classifier(num_classes: int = 4, image_size=224, backbone: str = "resnet50",
     key = "multilabel" if multilabel else "class"
     out = class_head(pooled, num_classes, multilabel=multilabel, hidden=hidden, dropout=dropout, name=key)
     return keras.Model(inputs, {key: out}, name=f"{backbone}_classifier")
+
+
+#: TumorNet: the classifier with ``backbone="resnet18"`` by default
+tumornet = register_model("tumornet")(functools.partial(classifier, backbone="resnet18"))

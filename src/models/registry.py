@@ -25,7 +25,7 @@ from typing import Callable
 from .task import TASK_KEYS
 
 _MODELS: dict[str, Callable] = {}
-_MODULES = ("small_cnn", "detector", "mtl_unet", "efficient_mtnet")
+_MODULES = ("small_cnn", "detector", "mtl_unet", "efficient_mtnet", "unet")
 
 #: filled in from the data by the caller (the training engine passes all three to every
 #: model): a builder that does not take one is simply not given it

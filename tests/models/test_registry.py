@@ -26,6 +26,7 @@ HEAD_LOSSES = {"boxes_aux1": "dense_box"}  # the dense box head's training maps
 TINY = {"small_cnn": {"widths": (4, 8)}, "detector": {"backbone": "mobilenet_v3_small"},
         "resnet101_detector": {"backbone": "mobilenet_v3_small"},
         "classifier": {"backbone": "mobilenet_v2"},
+        "unet": {"backbone": "resnet18", "heads": ("mask", "class"), "decoder_channels": (8, 8, 8, 4, 4)},
         "efficient_mtnet": {"ltd_channels": (8, 8, 8), "widths": (8, 12, 16), "blocks": (1, 1, 1), "expansion": 2,
                             "neck_channels": 16, "decoder_channels": (16, 8), "ham_channels": 8, "ham_rank": 4,
                             "class_hidden": 8}}
@@ -60,14 +61,15 @@ def tiny_batch(outputs, n=4, size=32, seed=0):
 
 
 def test_registry_lists_the_architectures():
-    assert {"small_cnn", "detector", "resnet101_detector", "classifier"} <= set(list_models())
+    assert {"small_cnn", "detector", "resnet101_detector", "classifier", "tumornet", "unet"} <= set(list_models())
     with pytest.raises(ValueError, match="registered models"):
         create_model("nope")
 
 
-# resnet101_detector is the detector builder with another default backbone: the round trip
-# over `detector` covers it (its ResNet101 build is checked below)
-@pytest.mark.parametrize("name", [m for m in list_models() if m != "resnet101_detector"])
+# resnet101_detector and tumornet are the detector / classifier builders with another default
+# backbone: the round trips over `detector` and `classifier` cover them (the ResNet101 build is
+# checked below, ResNet18's in tests/models/test_own_backbones.py)
+@pytest.mark.parametrize("name", [m for m in list_models() if m not in ("resnet101_detector", "tumornet")])
 def test_one_step_fit_and_save_load_identical(name, tmp_path):
     keras.utils.set_random_seed(0)
     weights = {"weights": None} if "weights" in builder_keys(name) else {}
