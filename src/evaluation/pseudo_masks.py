@@ -44,6 +44,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ..data.masks import mask_to_box
 from ..data.records import NO_TUMOR, TUMOR, Record, pseudo_counts, save_manifest
 
 log = logging.getLogger(__name__)
@@ -144,15 +145,6 @@ def refine_mask(cam: np.ndarray, threshold: Union[float, str] = 0.5, open: float
     return m
 
 
-def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
-    """Normalised xyxy tight box of a 0/1 mask (None when empty)."""
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return None
-    h, w = mask.shape
-    return np.array([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h], np.float32)
-
-
 # ---------------------------------------------------------------------------------------
 # which class, which CAM index
 # ---------------------------------------------------------------------------------------
@@ -232,18 +224,150 @@ def _pseudo_record(r: Record, label: Optional[str], source: Optional[str], mask_
     return n
 
 
-def _predictions(network, x, outputs, classes, threshold):
-    """``(probs [B, C] or None, predicted names [B] or Nones)`` from ``outputs`` (computed
-    when None)."""
-    from ..inference import decide
+class PseudoMaskPass:
+    """One pass of a classifier's CAMs over the records of ``splits`` (the module docstring):
+    :meth:`run` writes everything and returns the summary."""
 
-    if outputs is None:
-        outputs = {k: np.asarray(v) for k, v in network(x, training=False).items()}
-    dec = decide(outputs, classes, threshold)
-    if dec["pred"] is None:
-        return None, [None] * len(x)
-    names = [classes[k] if 0 <= k < len(classes) else None for k in dec["pred"]]
-    return dec["probs"], names
+    def __init__(self, loaded, bundle, classes: Sequence[str], data_cfg: dict, size, out, splits: Sequence[str],
+                 settings: PseudoSettings, batch_size: int = 16):
+        from .gradcam import GradCAM
+
+        self.loaded, self.bundle, self.classes, self.size = loaded, bundle, list(classes), tuple(size)
+        self.out, self.splits, self.s = Path(out).resolve(), list(splits), settings  # absolute: manifests move
+        self.chosen = [i for i, r in enumerate(bundle.records) if r.split in set(self.splits)]
+        if not self.chosen:
+            raise ValueError(f"no image of data {bundle.name!r} is in split(s) {self.splits}; splits: "
+                             f"{sorted({r.split for r in bundle.records if r.split})}")
+        self.records = [bundle.records[i] for i in self.chosen]
+        self.want_truth = any(r.known.get("mask") and (r.mask or r.polygons) for r in self.records)
+        self.data_cfg = {**data_cfg, "image_size": list(size), "batch_size": int(batch_size), "augment": None,
+                         "repeat": False, "shuffle_buffer": 0, "cache": False, "drop_remainder": False, "xla": False}
+        self.cam = GradCAM(loaded.network, layer=settings.layer, graph=len(self.records) > 4 * int(batch_size))
+        self.head, self.names = self._head()
+        self.threshold = float(loaded.run.threshold if loaded.run.threshold is not None else 0.5)
+        self.resize = str(data_cfg.get("resize", "stretch"))
+        self.done: list[_Done] = []
+        self.dices: list[tuple[str, float]] = []
+        self.overlays = 0
+
+    def _head(self) -> tuple:
+        """The head explained and its class names (None for a one-output tumour head)."""
+        from .gradcam import default_head, output_dict
+
+        heads = output_dict(self.cam.network)
+        head = self.s.head or default_head(self.cam.network)
+        if head not in heads:
+            raise ValueError(f"pseudo.head: the model has no head {head!r}; heads: {sorted(heads)}")
+        shape = tuple(heads[head].shape)
+        if len(shape) > 2:
+            raise ValueError(f"pseudo.head: {head!r} is not a class head (output shape {shape}); "
+                             "use class, multilabel, subtype or tumor")
+        width = int(shape[-1]) if len(shape) == 2 else 1
+        names = head_classes(self.classes, width) if width > 1 else None
+        if width > 1 and names is None:
+            raise ValueError(f"head {head!r} has {width} outputs, which match neither the classes {self.classes} "
+                             "nor their tumour classes")
+        return head, names
+
+    def _predict(self, xb, outputs=None) -> tuple:
+        """``(probs [B, C] or None, predicted class names)``; runs the model when
+        ``outputs`` is None."""
+        from ..inference import decide
+
+        if outputs is None:
+            outputs = {k: np.asarray(v) for k, v in self.cam.network(xb, training=False).items()}
+        dec = decide(outputs, self.classes, self.threshold)
+        if dec["pred"] is None:
+            return None, [None] * len(xb)
+        return dec["probs"], [self.classes[k] if 0 <= k < len(self.classes) else None for k in dec["pred"]]
+
+    def _explain(self, batch, xb) -> tuple:
+        """Per image of a batch: (class, source), the head output to explain and whether
+        to explain it, and the prediction where it was needed."""
+        need = self.s.label == "predicted" or any(not (r.known.get("label") and r.label is not None) for r in batch)
+        generic = self.names is not None and any(r.label == TUMOR for r in batch)
+        probs, pred = self._predict(xb) if need or generic else (None, [None] * len(batch))
+        labels = [choose_label(r, p, self.s.label) for r, p in zip(batch, pred)]
+        idx, explain = np.zeros(len(batch), np.int32), np.zeros(len(batch), bool)
+        for j, (lab, _) in enumerate(labels):
+            if lab is None or lab == NO_TUMOR:
+                continue
+            k = 1 if self.names is None else cam_index(lab, self.names, None if probs is None else probs[j],
+                                                       self.classes)
+            if k is not None:
+                idx[j], explain[j] = k, True
+        return labels, idx, explain, probs, pred
+
+    def _mask_file(self, n: int, r: Record, m: np.ndarray) -> tuple:
+        """The model-frame mask ``m`` at the original size as ``masks/<index>_<stem>.png``:
+        ``(path, box, area)``, or Nones when nothing is left."""
+        from ..data.pipeline import probe_header
+        from ..inference import frame_for, mask_to_original, write_png
+
+        info = probe_header(r.image)
+        full = mask_to_original(m.astype(np.float32), frame_for(info.height, info.width, self.size, self.resize), 0.5)
+        if not full.any():
+            return None, None, None
+        path = write_png(self.out / "masks" / f"{self.chosen[n]:06d}_{_safe(Path(r.image).stem)}.png",
+                         (full * 255).astype(np.uint8))
+        return path, mask_to_box(full), round(float(full.mean()), 5)
+
+    def _image(self, n: int, r: Record, label: tuple, cam, image, pred, prob, truth) -> None:
+        """One image: its pseudo mask, file, Dice, overlay, CSV row and manifest record."""
+        from .gradcam import save_overlay
+        from .metrics import dice_iou
+
+        s, (lab, src) = self.s, label
+        row = {"path": r.image, "split": r.split, "label": r.label if r.known.get("label") else None, "class": lab,
+               "label_source": src, "predicted": pred, "probability": prob}
+        m = path = box = None
+        if cam is not None:
+            m = refine_mask(cam, s.threshold, s.open, s.close, s.fill_holes, s.largest_component, s.min_area)
+            if m.any():
+                path, box, row["area"] = self._mask_file(n, r, m)
+        row["mask"] = str(path) if path else None
+        row["status"] = "empty" if lab == NO_TUMOR else "mask" if path else "no_class" if lab is None else \
+            "no_response"
+        if truth is not None and truth.any():  # no pseudo mask (tumour-free, no response) misses it: Dice 0
+            row["dice"] = round(dice_iou(m if m is not None else np.zeros(truth.shape, np.uint8), truth)[0], 5)
+            self.dices.append((r.label if r.known.get("label") else str(lab), row["dice"]))
+        info = {"class": lab, "label_source": src, "method": s.method,
+                "layer": self.cam.target(self.head).name if cam is not None else None,
+                "checkpoint": str(self.loaded.checkpoint)}
+        self.done.append(_Done(_pseudo_record(r, lab, src, path, box, s, info), row))
+        if path is not None and self.overlays < s.overlays:
+            self.overlays += 1
+            title = f"{lab} ({src})" + (f" dice {row['dice']:.2f}" if "dice" in row else "")
+            save_overlay(self.out / "overlays" / Path(path).name, image, cam, mask=m, title=title, min_height=256)
+
+    def run(self, progress: bool = True) -> dict:
+        from tqdm import tqdm
+
+        from ..data.pipeline import build_dataset
+
+        (self.out / "masks").mkdir(parents=True, exist_ok=True)
+        ds = build_dataset(self.records, self.bundle.class_map, self.data_cfg, training=False,
+                           heads=["mask"] if self.want_truth else ["class"])
+        i = 0
+        with tqdm(total=len(self.records), desc="pseudo masks", unit="img", file=sys.stderr,
+                  disable=not progress) as bar:
+            for x, targets, weights in ds:
+                xb = x.numpy()
+                batch = self.records[i:i + len(xb)]
+                labels, idx, explain, probs, pred = self._explain(batch, xb)
+                res = self.cam(xb, head=self.head, class_index=idx, method=self.s.method) if explain.any() else None
+                if res is not None and probs is None:
+                    probs, pred = self._predict(xb, res.outputs)
+                for j, r in enumerate(batch):
+                    truth = None
+                    if self.want_truth and float(weights["mask"][j]) > 0:
+                        truth = targets["mask"][j].numpy()[..., 0] > 0
+                    self._image(i + j, r, labels[j], res.cams[j] if explain[j] else None, xb[j], pred[j],
+                                float(probs[j].max()) if probs is not None else None, truth)
+                i += len(xb)
+                bar.update(len(xb))
+        return _finish(self.bundle, self.chosen, self.done, self.dices, self.out, self.splits, self.s, self.loaded,
+                       self.head, self.size)
 
 
 def write_pseudo_masks(loaded, bundle, classes: Sequence[str], data_cfg: dict, size, out, splits: Sequence[str],
@@ -251,114 +375,7 @@ def write_pseudo_masks(loaded, bundle, classes: Sequence[str], data_cfg: dict, s
     """Pseudo masks of every record of ``splits`` (see the module docstring) into ``out``:
     ``masks/*.png``, ``manifest.jsonl``, ``pseudo_masks.csv``, ``overlays/`` and
     ``summary.json``; returns the summary."""
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    from ..data.pipeline import build_dataset, probe_header
-    from ..inference import frame_for, mask_to_original, write_png
-    from .gradcam import GradCAM, default_head, output_dict, save_overlay
-    from .metrics import dice_iou
-
-    s = settings
-    out = Path(out)
-    mdir = out / "masks"
-    mdir.mkdir(parents=True, exist_ok=True)
-    chosen = [i for i, r in enumerate(bundle.records) if r.split in set(splits)]
-    if not chosen:
-        raise ValueError(f"no image of data {bundle.name!r} is in split(s) {list(splits)}; splits: "
-                         f"{sorted({r.split for r in bundle.records if r.split})}")
-    records = [bundle.records[i] for i in chosen]
-    want_truth = any(r.known.get("mask") and (r.mask or r.polygons) for r in records)
-    cfg = {**data_cfg, "image_size": list(size), "batch_size": int(batch_size), "augment": None, "repeat": False,
-           "shuffle_buffer": 0, "cache": False, "drop_remainder": False, "xla": False}
-    ds = build_dataset(records, bundle.class_map, cfg, training=False, heads=["mask"] if want_truth else ["class"])
-    cam = GradCAM(loaded.network, layer=s.layer, graph=len(records) > 4 * int(batch_size))
-    heads = output_dict(cam.network)
-    head_name = s.head or default_head(cam.network)
-    if head_name not in heads:
-        raise ValueError(f"pseudo.head: the model has no head {head_name!r}; heads: {sorted(heads)}")
-    shape = tuple(heads[head_name].shape)
-    width = int(shape[-1]) if len(shape) == 2 else 1
-    if len(shape) > 2:
-        raise ValueError(f"pseudo.head: {head_name!r} is not a class head (output shape {shape}); "
-                         "use class, multilabel, subtype or tumor")
-    names = head_classes(classes, width) if width > 1 else None
-    if width > 1 and names is None:
-        raise ValueError(f"head {head_name!r} has {width} outputs, which match neither the classes {list(classes)} "
-                         "nor their tumour classes")
-    meta_thr = float(loaded.run.threshold if loaded.run.threshold is not None else 0.5)
-    resize = str(data_cfg.get("resize", "stretch"))
-    done: list[_Done] = []
-    dices: list[tuple[str, float]] = []
-    ovdir = out / "overlays"
-    bar = tqdm(total=len(records), desc="pseudo masks", unit="img", file=sys.stderr, disable=not progress)
-    i = n_overlays = 0
-    try:
-        for x, targets, weights in ds:
-            xb = x.numpy()
-            b = len(xb)
-            batch = records[i:i + b]
-            need_pred = s.label == "predicted" or any(not (r.known.get("label") and r.label is not None)
-                                                      for r in batch)
-            probs, pred = _predictions(cam.network, tf.convert_to_tensor(xb), None, classes, meta_thr) \
-                if need_pred else (None, [None] * b)
-            chosen_labels = [choose_label(r, p, s.label) for r, p in zip(batch, pred)]
-            idx = np.zeros(b, np.int32)
-            explain = np.zeros(b, bool)
-            for j, (lab, _) in enumerate(chosen_labels):
-                if lab is None or lab == NO_TUMOR:
-                    continue
-                k = 1 if names is None else cam_index(lab, names, None if probs is None else probs[j], classes)
-                if k is None and names is not None:
-                    if probs is None:  # a generic label needs the prediction
-                        probs, pred = _predictions(cam.network, tf.convert_to_tensor(xb), None, classes, meta_thr)
-                    k = cam_index(lab, names, probs[j], classes)
-                if k is not None:
-                    idx[j], explain[j] = k, True
-            res = cam(xb, head=head_name, class_index=idx, method=s.method) if explain.any() else None
-            if res is not None and probs is None:
-                probs, pred = _predictions(cam.network, xb, res.outputs, classes, meta_thr)
-            for j, r in enumerate(batch):
-                n_done = i + j
-                lab, src = chosen_labels[j]
-                row = {"path": r.image, "split": r.split, "label": r.label if r.known.get("label") else None,
-                       "class": lab, "label_source": src, "predicted": pred[j],
-                       "probability": float(probs[j].max()) if probs is not None else None}
-                mask_path, box, m = None, None, None
-                if explain[j]:
-                    m = refine_mask(res.cams[j], s.threshold, s.open, s.close, s.fill_holes, s.largest_component,
-                                    s.min_area)
-                    if m.any():
-                        info = probe_header(r.image)
-                        frame = frame_for(info.height, info.width, tuple(size), resize)
-                        full = mask_to_original(m.astype(np.float32), frame, 0.5)
-                        if full.any():
-                            mask_path = write_png(mdir / f"{chosen[n_done]:06d}_{_safe(Path(r.image).stem)}.png",
-                                                  (full * 255).astype(np.uint8))
-                            box = mask_box(full)
-                            row["area"] = round(float(full.mean()), 5)
-                row["mask"] = str(mask_path) if mask_path else None
-                row["status"] = ("empty" if lab == NO_TUMOR else "mask" if mask_path else
-                                 "no_class" if lab is None else "no_response")
-                if want_truth and float(weights["mask"][j]) > 0:
-                    truth = targets["mask"][j].numpy()[..., 0] > 0
-                    if truth.any():  # no pseudo mask (tumour-free, or no response) misses it: Dice 0
-                        pm = m if m is not None else np.zeros(truth.shape, np.uint8)
-                        row["dice"] = round(dice_iou(pm, truth)[0], 5)
-                        dices.append((r.label if r.known.get("label") else str(lab), row["dice"]))
-                info_meta = {"class": lab, "label_source": src, "method": s.method, "layer": res.layer if res else None,
-                             "checkpoint": str(loaded.checkpoint)}
-                done.append(_Done(_pseudo_record(r, lab, src, mask_path, box, s, info_meta), row))
-                if mask_path is not None and n_overlays < s.overlays:
-                    n_overlays += 1
-                    title = f"{lab} ({src})" + (f" dice {row['dice']:.2f}" if "dice" in row else "")
-                    save_overlay(ovdir / f"{chosen[n_done]:06d}_{_safe(Path(r.image).stem)}.png", xb[j],
-                                 res.cams[j], mask=m, title=title, min_height=256)
-            i += b
-            bar.update(b)
-    finally:
-        bar.close()
-    return _finish(bundle, chosen, done, dices, out, splits, s, loaded, head_name, size)
+    return PseudoMaskPass(loaded, bundle, classes, data_cfg, size, out, splits, settings, batch_size).run(progress)
 
 
 def _dice_summary(dices: list) -> dict:

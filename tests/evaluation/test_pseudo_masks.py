@@ -179,7 +179,6 @@ def test_one_training_step_on_the_pseudo_manifest(made, written):
     import tensorflow as tf
 
     from src.data.pipeline import build_dataset
-    from src.models import create_model
     from src.models.task import MultiTaskModel
 
     out, _ = written
@@ -194,13 +193,14 @@ def test_one_training_step_on_the_pseudo_manifest(made, written):
     assert pseudo.sum() == 3 and float(tf.reduce_sum(y["mask"])) > 0
     assert sorted(w["mask"].numpy().tolist()) == [0.5, 0.5, 0.5, 1.0]  # pseudo masks weigh data.pseudo_weight
     keras.utils.set_random_seed(0)
-    net = create_model("efficient_mtnet", num_classes=4, image_size=32, heads=("class", "mask"), aux=False,
-                       ltd_channels=(8, 8, 8), widths=(8, 12, 16), blocks=(1, 1, 1), expansion=2, neck_channels=16,
-                       decoder_channels=(16, 8), ham_channels=8, ham_rank=4, class_hidden=8)
-    model = MultiTaskModel(net, {"class": "ce", "mask": "dice_focal"})
+    inp = keras.Input((32, 32, 3))
+    logits = keras.layers.Conv2D(1, 1)(keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp))
+    net = keras.Model(inp, {"mask": keras.layers.Activation("sigmoid", name="mask")(logits)})  # a tiny segmenter
+    model = MultiTaskModel(net, {"mask": "dice_focal"})
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    y = {"mask": y["mask"]}
     with tf.GradientTape() as tape:
-        loss = model.compute_loss(x, y, model(x, training=True), w)
+        loss = model.compute_loss(x, y, model(x, training=True), {"mask": w["mask"]})
     grads = tape.gradient(loss, model.trainable_weights)
     model.optimizer.apply(grads, model.trainable_weights)
-    assert np.isfinite(float(loss)) and float(model.head_loss_trackers["mask"].result()) > 0
+    assert np.isfinite(float(loss)) and float(loss) > 0 and all(np.any(g.numpy()) for g in grads)
