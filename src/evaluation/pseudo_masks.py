@@ -14,7 +14,9 @@ Per image:
 2. the CAM of that class (the head's logit; a generic ``tumor`` label explains the most
    probable tumour class), at the model's input size, in ``[0, 1]`` (ReLU'd, min-max
    normalised per image, :class:`src.evaluation.gradcam.GradCAM`);
-3. :func:`refine_mask`: threshold (a fraction of the normalised map, or ``otsu``), then
+3. :func:`refine_mask`: optionally only inside the head (``foreground``: the CAM outside
+   the largest region at least that bright is zeroed, the rest rescaled), threshold (a
+   fraction of the normalised map, or ``otsu``), then
    morphology: opening (removes specks), closing (joins nearby parts), hole filling, the
    largest 8-connected component, and a minimum area below which the image gets *no*
    mask (unknown, weight 0: a map that says nothing is not "no tumour");
@@ -66,6 +68,7 @@ class PseudoSettings:
     fill_holes: bool = True
     largest_component: bool = True
     min_area: float = 0.0                # fraction of the image: smaller masks -> no mask (unknown)
+    foreground: float = 0.0              # CAM kept inside the head only: image intensity level (0 = off)
     label: str = "truth"                 # truth (the true label where known, else predicted) | predicted
     boxes: bool = True                   # the mask's box as a pseudo box
     others: str = "keep"                 # records of the other splits: keep | drop
@@ -82,7 +85,7 @@ class PseudoSettings:
             self.threshold = "otsu"
         elif not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"pseudo.threshold must be a number in [0, 1] or otsu, got {self.threshold!r}")
-        for k in ("open", "close", "min_area"):
+        for k in ("open", "close", "min_area", "foreground"):
             if not 0.0 <= float(getattr(self, k)) < 1.0:
                 raise ValueError(f"pseudo.{k} must be a fraction in [0, 1), got {getattr(self, k)!r}")
         if self.label not in LABEL_POLICIES:
@@ -118,17 +121,38 @@ def _disk(frac: float, shape) -> Optional[np.ndarray]:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
 
 
+def foreground(image: np.ndarray, level: float) -> np.ndarray:
+    """The head in a slice: the largest region of pixels at least ``level`` bright (grey
+    ``[0, 1]`` intensity), holes filled (dark tumour cores and ventricles are inside)."""
+    import cv2
+    from scipy import ndimage
+
+    g = np.asarray(image, np.float32)
+    g = g.mean(axis=-1) if g.ndim == 3 else g
+    m = (g >= float(level)).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n > 2:
+        m = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    return ndimage.binary_fill_holes(m).astype(np.uint8)
+
+
 def refine_mask(cam: np.ndarray, threshold: Union[float, str] = 0.5, open: float = 0.0, close: float = 0.0,
-                fill_holes: bool = True, largest_component: bool = True, min_area: float = 0.0) -> np.ndarray:
-    """A CAM in ``[0, 1]`` (``[H, W]``) -> uint8 0/1 mask: threshold (a number or
-    ``"otsu"``), opening, closing (elliptic elements of ``open`` / ``close`` x the shorter
-    side), hole filling, the largest 8-connected component; all zeros when what is left
-    covers less than ``min_area`` of the image."""
+                fill_holes: bool = True, largest_component: bool = True, min_area: float = 0.0,
+                within: Optional[np.ndarray] = None) -> np.ndarray:
+    """A CAM in ``[0, 1]`` (``[H, W]``) -> uint8 0/1 mask: (the CAM outside ``within``
+    zeroed and the rest rescaled to a maximum of 1), threshold (a number or ``"otsu"``),
+    opening, closing (elliptic elements of ``open`` / ``close`` x the shorter side), hole
+    filling, the largest 8-connected component; all zeros when what is left covers less
+    than ``min_area`` of the image."""
     import cv2
     from scipy import ndimage
 
     from .gradcam import cam_to_mask
 
+    if within is not None:
+        cam = np.asarray(cam, np.float32) * (np.asarray(within) > 0)
+        top = float(cam.max())
+        cam = cam / top if top > 0 else cam
     m = cam_to_mask(cam, threshold, largest_component=False)
     for frac, op in ((open, cv2.MORPH_OPEN), (close, cv2.MORPH_CLOSE)):
         k = _disk(frac, m.shape)
@@ -322,7 +346,8 @@ class PseudoMaskPass:
                "label_source": src, "predicted": pred, "probability": prob}
         m = path = box = None
         if cam is not None:
-            m = refine_mask(cam, s.threshold, s.open, s.close, s.fill_holes, s.largest_component, s.min_area)
+            within = foreground(image, s.foreground) if s.foreground > 0 else None
+            m = refine_mask(cam, s.threshold, s.open, s.close, s.fill_holes, s.largest_component, s.min_area, within)
             if m.any():
                 path, box, row["area"] = self._mask_file(n, r, m)
         row["mask"] = str(path) if path else None

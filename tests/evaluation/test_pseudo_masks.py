@@ -19,7 +19,7 @@ from src.data.dataset import load_data
 from src.data.describe import describe
 from src.data.records import DataError, Record, load_manifest, save_manifest
 from src.evaluation.metrics import dice_iou
-from src.evaluation.pseudo_masks import PseudoSettings, choose_label, refine_mask
+from src.evaluation.pseudo_masks import PseudoSettings, choose_label, foreground, refine_mask
 from src.explain import main
 
 CLASSES = ["glioma", "meningioma", "pituitary", "no_tumor"]
@@ -53,6 +53,16 @@ def test_a_cam_with_a_blob_gives_that_blob():
     otsu = refine_mask(0.2 + 0.6 * cam, "otsu")
     assert dice_iou(otsu, truth)[0] > 0.85
     assert not refine_mask(cam, 0.5, min_area=0.5).any()  # too small a mask: none
+    # a CAM hotter outside the head than on the tumour: inside the head only, the tumour wins
+    head = blob(20, 24, 16, 20)
+    image = 0.1 + 0.4 * head + 0.4 * truth
+    image[18:23, 8:12] = 0.05                       # a dark hole inside the head stays inside
+    outside = cam * 0.6
+    outside[0:4, :] = outside[:, 0:3] = outside[37:, :] = 1.0  # a frame bigger than the tumour
+    assert dice_iou(refine_mask(outside, 0.5), truth)[0] < 0.5
+    fg = foreground(image, 0.3)
+    assert fg[20, 10] == 1 and fg[1, 1] == 0
+    assert dice_iou(refine_mask(outside, 0.5, within=fg), truth)[0] > 0.9
     assert not refine_mask(np.zeros((8, 8), np.float32), 0.5).any()
 
 
