@@ -214,3 +214,25 @@ def test_one_training_step_on_the_pseudo_manifest(made, written):
     grads = tape.gradient(loss, model.trainable_weights)
     model.optimizer.apply(grads, model.trainable_weights)
     assert np.isfinite(float(loss)) and float(loss) > 0 and all(np.any(g.numpy()) for g in grads)
+
+
+def test_predicted_labels_other_splits_dropped_and_errors(made, capsys):
+    tmp, run, _ = made
+    out = tmp / "predicted"
+    rc = main([f"checkpoint={run}", "what=pseudo_masks", f"out={out}", "pseudo.layer=feat", "pseudo.label=predicted",
+               "pseudo.others=drop", "split=train", "progress=false"])
+    assert rc == 0, capsys.readouterr().err
+    recs = {r.image: r for r in load_manifest(out / "manifest.jsonl")}
+    assert {r.split for r in recs.values()} == {"train"} and len(recs) == 4  # val and test left out
+    meningioma = recs[str(tmp / "s1.png")]  # the model calls every bright slice glioma
+    made_by = meningioma.meta["pseudo_mask"]
+    assert made_by["class"] == "glioma" and made_by["label_source"] == "predicted"
+    assert meningioma.label == "meningioma" and meningioma.is_pseudo("mask")
+    healthy = recs[str(tmp / "s3.png")]  # predicted a tumour, but a flat CAM localises nothing: unknown
+    assert not healthy.known["mask"] and healthy.mask is None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == {"mask": 3, "no_response": 1}
+    assert main([f"checkpoint={run}", "what=pseudo_masks", f"out={out}", "split=holdout"]) == 2
+    assert "no image of data 'phantom' is in split(s) ['holdout']" in capsys.readouterr().err
+    assert main([f"checkpoint={run}", "what=pseudo_masks", "pseudo.threshold=2"]) == 2
+    assert "pseudo.threshold must be" in capsys.readouterr().err
