@@ -1,4 +1,4 @@
-"""`python -m src.explain checkpoint=PATH what=gradcam|umap [data=...] [split=test] [n=16] [out=DIR]`
+"""`python -m src.explain checkpoint=PATH what=gradcam|umap|pseudo_masks [data=...] [split=...] [n=16] [out=DIR]`
 
 ``what=gradcam``: Grad-CAM (or ``gradcam.method=gradcam++``) of ``n`` images of ``split``
 (spread over the classes), for ``gradcam.head`` (default the class head) and
@@ -7,6 +7,17 @@
 outlined where known), ``gradcam.csv`` (path, true label, predicted class and
 probability, explained class, layer, pseudo-mask Dice where a true mask is known) and
 ``summary.json`` (mean Dice of the pseudo-masks: weak localisation, measured).
+
+``what=pseudo_masks``: segmentation from class labels alone. For every image of ``split``
+(default ``[train, val]``; a name, a list or ``all``) the CAM of its class (the true label
+where known, else the prediction: ``pseudo.label``) is thresholded and cleaned
+(``pseudo.threshold``, ``open``, ``close``, ``fill_holes``, ``largest_component``,
+``min_area``) into a mask PNG at the image's size; ``no_tumor`` images get a known-empty
+mask. Writes ``masks/``, ``manifest.jsonl`` (every record of the data; these masks marked
+*pseudo*: train on them with ``data.manifest=<out>/manifest.jsonl``), ``pseudo_masks.csv``,
+``overlays/`` and ``summary.json`` (counts, and the pseudo masks' Dice against the true
+masks where the data has them: mean, median, per class). Default ``out``: ``<run
+folder>/explain/pseudo_masks_<data name>``. See :mod:`src.evaluation.pseudo_masks`.
 
 ``what=umap``: embeddings (``umap.layer``, default the pooled features before the heads)
 of up to ``umap.max_per_split`` images from each of ``umap.splits``, projected with UMAP;
@@ -90,9 +101,10 @@ def run_gradcam(cfg, args) -> dict:
     loaded, bundle, classes, data_cfg, size, out = _load(cfg, args)
     meta = loaded.run
     g = cfg.gradcam
-    records = bundle.split(cfg.split)
+    split = str(cfg.split or "test")
+    records = bundle.split(split)
     if not records:
-        raise ValueError(f"split {cfg.split!r} of data {bundle.name!r} is empty; splits: "
+        raise ValueError(f"split {split!r} of data {bundle.name!r} is empty; splits: "
                          f"{sorted({r.split for r in bundle.records if r.split})}")
     picked = _pick(records, int(cfg.n), int(cfg.seed))
     want_mask = any(r.known.get("mask") for r in picked)
@@ -136,7 +148,7 @@ def run_gradcam(cfg, args) -> dict:
         w.writeheader()
         w.writerows(rows)
     dices = [r["dice"] for r in rows if "dice" in r]
-    summary = {"what": "gradcam", "checkpoint": str(loaded.checkpoint), "split": cfg.split, "images": len(rows),
+    summary = {"what": "gradcam", "checkpoint": str(loaded.checkpoint), "split": split, "images": len(rows),
                "head": rows[0]["head"] if rows else head, "layer": rows[0]["layer"] if rows else None,
                "method": g.get("method", "gradcam"), "pseudo_mask_threshold": thr,
                "dice": {"images": len(dices), "mean": float(np.mean(dices)) if dices else None,
@@ -144,6 +156,33 @@ def run_gradcam(cfg, args) -> dict:
                "out": str(out), "csv": str(out / "gradcam.csv"), "overlays": str(odir)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _splits(value, default: Sequence[str], bundle) -> list:
+    """``split=`` as a list: null -> ``default``, ``all`` -> every split of the data."""
+    from omegaconf import ListConfig
+
+    if value is None:
+        return list(default)
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(v) for v in value]
+    if str(value) == "all":
+        return sorted({r.split for r in bundle.records if r.split})
+    return [s.strip() for s in str(value).split(",") if s.strip()]
+
+
+def run_pseudo_masks(cfg, args) -> dict:
+    from omegaconf import OmegaConf
+
+    from .evaluation.pseudo_masks import PseudoSettings, write_pseudo_masks
+
+    settings = PseudoSettings.from_cfg(OmegaConf.to_container(cfg.pseudo, resolve=True))  # bad settings fail first
+    loaded, bundle, classes, data_cfg, size, out = _load(cfg, args)
+    if not cfg.get("out"):
+        out = out / f"pseudo_masks_{bundle.name}"
+    splits = _splits(cfg.get("split"), ("train", "val"), bundle)
+    return write_pseudo_masks(loaded, bundle, classes, data_cfg, size, out, splits, settings,
+                              batch_size=int(cfg.batch_size), progress=bool(cfg.get("progress", True)))
 
 
 def run_umap(cfg, args) -> dict:
@@ -177,7 +216,9 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
         return run_gradcam(cfg, args)
     if what == "umap":
         return run_umap(cfg, args)
-    raise ValueError(f"what must be gradcam or umap, got {cfg.what!r}")
+    if what == "pseudo_masks":
+        return run_pseudo_masks(cfg, args)
+    raise ValueError(f"what must be gradcam, umap or pseudo_masks, got {cfg.what!r}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

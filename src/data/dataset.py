@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 from .base import SkipLog, get_reader
 from .dedup.resolve import DuplicateSettings, resolve_duplicates
-from .records import NO_TUMOR, ClassMap, DataError, Record, load_manifest
+from .records import NO_TUMOR, ClassMap, DataError, Record, load_manifest, pseudo_counts
 from .splits import assign_splits, split_summary
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class DataBundle:
                "splits": split_summary(self.records), "skipped": self.skipped.summary()}
         if self.duplicates is not None:
             out["duplicates"] = self.duplicates
+        pseudo = pseudo_counts(self.records)
+        if pseudo:
+            out["pseudo"] = pseudo  # model-made targets (e.g. CAM pseudo masks), counted apart
         return out
 
 
@@ -135,6 +138,10 @@ def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) ->
             if r.label is not None:
                 r.label = class_map.canonical(r.label, where=str(manifest))
         root = str(manifest)
+        pseudo = pseudo_counts(records)
+        if pseudo:
+            log.info("%s: pseudo (model-made) targets: %s", manifest,
+                     ", ".join(f"{t} {c['total']}" for t, c in pseudo.items()))
     else:
         reader_name = _get(data_cfg, "reader")
         if not reader_name:

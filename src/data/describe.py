@@ -1,7 +1,9 @@
 """`python -m src.data.describe data=<name> [data.root=...] [grid=grid.png]`
 
 Prints a JSON summary of a dataset as the project reads it: images per split and class,
-box and mask counts, unknown-target counts, image sizes, groups, skipped files and why.
+box and mask counts (``masks``: annotated; ``pseudo_masks``: model-made, e.g. CAM masks
+from ``src.explain what=pseudo_masks``, with totals under ``pseudo``), unknown-target
+counts, image sizes, groups, skipped files and why.
 With ``grid=PATH`` it also writes a sample grid PNG with boxes and mask outlines drawn.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .dataset import DataBundle, load_data
-from .records import DataError, Record
+from .records import DataError, Record, pseudo_counts
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,14 @@ def describe(bundle: DataBundle) -> dict:
     for r in recs:
         s = per_split.setdefault(r.split or "none", {
             "images": 0, "classes": collections.Counter(), "boxes": 0, "images_with_boxes": 0,
-            "masks": 0, "unknown": collections.Counter(), "groups": set()})
+            "masks": 0, "pseudo_masks": 0, "unknown": collections.Counter(), "groups": set()})
         s["images"] += 1
         s["classes"][r.label if r.known.get("label") and r.label else "unknown"] += 1
         s["boxes"] += len(r.boxes)
         s["images_with_boxes"] += int(len(r.boxes) > 0)
-        s["masks"] += int(bool(r.known.get("mask") and (r.mask or r.polygons)))
+        has_mask = bool(r.known.get("mask") and (r.mask or r.polygons))
+        s["masks"] += int(has_mask and not r.is_pseudo("mask"))  # annotated masks only
+        s["pseudo_masks"] += int(has_mask and r.is_pseudo("mask"))
         for t in ("label", "boxes", "mask"):
             if not r.known.get(t):
                 s["unknown"][t] += 1
@@ -47,7 +51,7 @@ def describe(bundle: DataBundle) -> dict:
         "images": len(recs),
         "splits": {
             k: {"images": v["images"], "classes": dict(sorted(v["classes"].items())), "boxes": v["boxes"],
-                "images_with_boxes": v["images_with_boxes"], "masks": v["masks"],
+                "images_with_boxes": v["images_with_boxes"], "masks": v["masks"], "pseudo_masks": v["pseudo_masks"],
                 "unknown": {t: v["unknown"].get(t, 0) for t in ("label", "boxes", "mask")},
                 "groups": len(v["groups"])}
             for k, v in sorted(per_split.items())},
@@ -58,6 +62,9 @@ def describe(bundle: DataBundle) -> dict:
         "sources": dict(collections.Counter(r.source for r in recs)),
         "skipped": bundle.skipped.summary(),
     }
+    pseudo = pseudo_counts(recs)
+    if pseudo:
+        out["pseudo"] = pseudo
     return out
 
 

@@ -64,6 +64,9 @@ key                    target                     weight       weight is 1 when
                        0/1 (zeros if unknown)                  negative counts)
 =====================  =========================  ===========  ==================================
 
+A known box or mask target that a model made (``record.pseudo``: CAM pseudo masks from
+``src.explain what=pseudo_masks``) gets weight ``pseudo_weight`` instead of 1.
+
 An unknown target is never a negative: it gets weight 0. ``x`` is float32
 ``[B, H, W, 3]`` in ``[0, 1]``, whatever the model: a network scales its own inputs (its
 ``Preprocess`` layer, :data:`src.models.layers.PREPROCESS_MODES`), so there is no
@@ -111,6 +114,7 @@ Config keys (``cfg``: a dict or an OmegaConf node; other keys are ignored)
                                in the graph; ``png``: the graph decodes the mask file
                                every time (costs more than the image: ~0.9 ms per
                                512x512 PNG per core on the benchmark machine).
+``pseudo_weight`` (1.0)        sample weight of pseudo (model-made) box and mask targets.
 ``mask_cache_dir`` (None)      where polygons are rasterised to PNGs and packed masks are
                                cached between runs; required when records have polygons
                                but no mask file.
@@ -178,6 +182,7 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "dct_scaling": True,
     "xla": True,
     "sampling": "natural",
+    "pseudo_weight": 1.0,
 }
 SAMPLING = ("natural", "balanced")
 
@@ -266,6 +271,8 @@ def pipeline_config(cfg) -> dict:
         raise ValueError(f"data.cache must be auto, false, 'memory' or a file path, got {out['cache']!r}")
     if out["cache"] == "":
         out["cache"] = False
+    if not 0.0 <= float(out["pseudo_weight"]) <= 1.0:
+        raise ValueError(f"data.pseudo_weight must be in [0, 1], got {out['pseudo_weight']!r}")
     if out["sampling"] not in SAMPLING:
         raise ValueError(f"data.sampling must be one of {' | '.join(SAMPLING)}, got {out['sampling']!r}")
     npc = out["num_parallel_calls"]
@@ -385,8 +392,11 @@ def _frame_boxes(b: np.ndarray, geo, size) -> np.ndarray:
 
 
 def encode_targets(records: Sequence[Record], class_map: ClassMap, geometry: Sequence, size,
-                   max_boxes: int) -> dict[str, np.ndarray]:
-    """Per-record targets and weights as arrays (see the module docstring for meanings)."""
+                   max_boxes: int, pseudo_weight: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-record targets and weights as arrays (see the module docstring for meanings).
+
+    ``pseudo_weight``: the weight of a known box / mask target that a model made
+    (``record.pseudo``, e.g. CAM pseudo masks) instead of 1."""
     n, C = len(records), class_map.num_classes
     classes = class_map.classes
     tumor_classes = class_map.tumor_classes
@@ -445,14 +455,14 @@ def encode_targets(records: Sequence[Record], class_map: ClassMap, geometry: Seq
                 continue
             if out["boxes_w"][i, k] == 0 and boxes_known:
                 out["boxes"][i, k] = b[j]
-                out["boxes_w"][i, k] = 1.0
+                out["boxes_w"][i, k] = pseudo_weight if r.is_pseudo("boxes") else 1.0
             elif boxes_known:
                 cur = out["boxes"][i, k]
                 out["boxes"][i, k] = [min(cur[0], b[j, 0]), min(cur[1], b[j, 1]),
                                       max(cur[2], b[j, 2]), max(cur[3], b[j, 3])]
         # mask
         if r.known.get("mask"):
-            out["mask_w"][i] = 1.0
+            out["mask_w"][i] = pseudo_weight if r.is_pseudo("mask") else 1.0
     return out
 
 
@@ -628,7 +638,7 @@ def plan_pipeline(records: Sequence[Record], class_map: ClassMap, cfg, training:
     max_boxes = cfg["max_boxes"]
     if max_boxes is None:
         max_boxes = max([1] + [len(r.boxes) for r in records])
-    targets = encode_targets(records, class_map, geometry, size, int(max_boxes))
+    targets = encode_targets(records, class_map, geometry, size, int(max_boxes), float(cfg["pseudo_weight"]))
 
     geo = np.array(geometry, np.int32).reshape(-1, 4)
     mask_box = np.zeros((len(records), 4), np.int32)

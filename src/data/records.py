@@ -20,6 +20,11 @@ Conventions
   (and no polygons); the pipeline turns it into an all-zero mask with weight 1.
 * ``known`` says which targets are annotated. An unknown target is *not* a negative:
   the pipeline gives it sample weight 0.
+* ``pseudo`` says which known targets were made by a model, not by an annotator (e.g. a
+  mask thresholded from a classifier's Grad-CAM, :mod:`src.evaluation.pseudo_masks`):
+  ``{"label": False, "boxes": False, "mask": True}``. A pseudo target is known (it is
+  trained on, with weight ``data.pseudo_weight``); manifests keep the flags, and
+  ``describe`` / ``data_summary.json`` count pseudo targets apart from annotated ones.
 """
 from __future__ import annotations
 
@@ -143,6 +148,7 @@ class Record:
     width: Optional[int] = None
     height: Optional[int] = None
     meta: dict = field(default_factory=dict)
+    pseudo: dict = field(default_factory=lambda: {"label": False, "boxes": False, "mask": False})
 
     def __post_init__(self):
         self.image = str(self.image)
@@ -151,8 +157,10 @@ class Record:
         self.box_classes = tuple(self.box_classes)
         if len(self.box_classes) != len(b):
             raise DataError(f"{self.image}: {len(b)} boxes but {len(self.box_classes)} box classes")
+        self.pseudo = dict(self.pseudo or {})
         for t in TARGETS:
             self.known.setdefault(t, False)
+            self.pseudo.setdefault(t, False)
 
     # ---- validation ---------------------------------------------------------------
     def validate(self, tol: float = 1e-3) -> None:
@@ -171,6 +179,9 @@ class Record:
                 raise DataError(f"{self.image}: polygon needs at least 3 (x, y) points, got shape {p.shape}")
             if np.any(p < -tol) or np.any(p > 1 + tol):
                 raise DataError(f"{self.image}: polygon outside the image")
+        odd = [t for t, v in self.pseudo.items() if v and (t not in TARGETS or not self.known.get(t))]
+        if odd:
+            raise DataError(f"{self.image}: pseudo target(s) {odd} must be known targets ({list(TARGETS)})")
 
     # ---- derived ------------------------------------------------------------------
     @property
@@ -178,6 +189,10 @@ class Record:
         if not self.known.get("label") or self.label is None:
             return None
         return self.label != NO_TUMOR
+
+    def is_pseudo(self, target: str) -> bool:
+        """True when ``target`` (label, boxes, mask) is known and was made by a model."""
+        return bool(self.known.get(target) and self.pseudo.get(target))
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -202,6 +217,30 @@ def clip_boxes(boxes: np.ndarray) -> np.ndarray:
 def polygon_to_box(poly: np.ndarray) -> np.ndarray:
     p = np.asarray(poly, np.float32).reshape(-1, 2)
     return np.array([p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()], np.float32)
+
+
+def pseudo_counts(records: Iterable[Record]) -> dict:
+    """How many records carry a pseudo (model-made) target, per target and per split:
+    ``{"mask": {"total": n, "empty": k, "by_split": {...}}, ...}`` for the targets that
+    have any (``empty``: known-empty masks / no boxes, i.e. a slice called tumour-free).
+    ``{}`` when no record has one."""
+    out: dict = {}
+    for r in records:
+        for t in TARGETS:
+            if not r.is_pseudo(t):
+                continue
+            c = out.setdefault(t, {"total": 0, "by_split": {}} if t == "label" else
+                               {"total": 0, "empty": 0, "by_split": {}})
+            c["total"] += 1
+            if t == "mask":
+                c["empty"] += int(not (r.mask or r.polygons))
+            elif t == "boxes":
+                c["empty"] += int(not len(r.boxes))
+            s = r.split or "none"
+            c["by_split"][s] = c["by_split"].get(s, 0) + 1
+    for c in out.values():
+        c["by_split"] = dict(sorted(c["by_split"].items()))
+    return out
 
 
 def save_manifest(records: Iterable[Record], path: str | Path) -> Path:

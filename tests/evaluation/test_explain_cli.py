@@ -61,5 +61,5 @@ def test_umap_cli_and_errors(run, tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert {r["split"] for r in rows} == {"train", "test"} and (tmp_path / "u" / "pca.png").is_file()
     assert main([f"checkpoint={run}", "what=nope"]) == 2
-    assert "gradcam or umap" in capsys.readouterr().err
+    assert "gradcam, umap or pseudo_masks" in capsys.readouterr().err
     assert main([f"checkpoint={tmp_path / 'missing'}"]) == 2
