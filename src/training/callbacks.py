@@ -430,6 +430,32 @@ class StopOnDivergence(keras.callbacks.Callback):
             log.error("training diverged in epoch %d: NaN/inf in the weights of %s", epoch + 1, ", ".join(layers))
 
 
+class FixedWeightValLoss(keras.callbacks.Callback):
+    """Add ``val_loss_fixed``: the validation losses of the heads summed with the phase's
+    own (static) loss weights.
+
+    With ``ema`` or ``uncertainty`` balancing, ``val_loss`` is weighted by the balancer's
+    running state, which moves as training goes on (the EMA divides each head's loss by
+    its running mean, so a falling mask loss *raises* its weight): ``val_loss`` can rise
+    while every head's validation loss falls, and choosing the best epoch by it picks an
+    early one. This sum is comparable across epochs. Put it before the checkpoint and the
+    loggers (it edits the ``logs`` they receive).
+    """
+
+    key = "val_loss_fixed"
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        balancer = getattr(self.model, "balancer", None)
+        if balancer is None:
+            return
+        weights = dict(zip(balancer.heads, keras.ops.convert_to_numpy(balancer.head_weights).tolist()))
+        terms = [w * float(logs[f"val_{h}_loss"]) for h, w in weights.items() if f"val_{h}_loss" in logs and w]
+        if terms:
+            logs[self.key] = float(sum(terms))
+
+
 class LogLearningRate(keras.callbacks.Callback):
     """Add the optimizer's current learning rate to the epoch logs as ``learning_rate``
     (a schedule's value at the step reached), for ``history.csv``, MLflow and TensorBoard.

@@ -430,11 +430,17 @@ def phase_callbacks(s: Session, p: Phase, model) -> PhaseCallbacks:
 
     from ..runtime import process_started
     from .budget import TimeBudget, load_budget_state
-    from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, LogBalancerState, LogLearningRate,
-                            StepTimer, StopOnDivergence, repair_history)
+    from .callbacks import (BestAndLastCheckpoint, EpochStateCheckpoint, FixedWeightValLoss, LogBalancerState,
+                            LogLearningRate, StepTimer, StopOnDivergence, repair_history)
     from .optim import EMAValidation, schedule_of, uses_ema
 
     monitor = s.trainer.get("monitor", "val_loss")
+    fixed = monitor == "val_loss" and model.balancer.mode != "static"
+    if fixed:  # val_loss moves with the balancer's state: choose epochs by a sum that does not
+        monitor = FixedWeightValLoss.key
+        log.info("phase %s: %s balancing weights val_loss by its running state; the best epoch is chosen by %s "
+                 "(the heads' validation losses with the phase's fixed weights)", p.name, model.balancer.mode,
+                 monitor)
     ph, resumed = p.folder, p.resume_from is not None
     out = PhaseCallbacks(all=[], divergence=StopOnDivergence(),
                          timing=StepTimer(int(s.data_cfg["batch_size"]),
@@ -448,7 +454,7 @@ def phase_callbacks(s: Session, p: Phase, model) -> PhaseCallbacks:
         out.divergence,
         out.timing,
         *([EMAValidation()] if uses_ema(model.optimizer) else []),
-        *([LogBalancerState()] if model.balancer.mode != "static" else []),
+        *([FixedWeightValLoss(), LogBalancerState()] if model.balancer.mode != "static" else []),
         LogLearningRate(),
         out.checkpoint,
         EpochStateCheckpoint(ph.state, phase=p.name, checkpoint=out.checkpoint),

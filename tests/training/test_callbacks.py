@@ -312,3 +312,26 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_file(tmp_path, monke
         atomic_save_model(model, best)
     assert best.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]   # no half-written temporary left
+
+
+# --------------------------------------------------------------------------- selection under dynamic balancing
+def test_fixed_weight_val_loss_is_comparable_across_epochs_when_ema_balancing_moves():
+    """EMA balancing divides each head's loss by its running mean: as the mask loss falls its
+    weight rises, so val_loss can rise while every head improves. The selection loss uses
+    the phase's fixed weights and falls, and the best checkpoint follows it."""
+    from src.losses.balancing import LossBalancer
+
+    model = tiny_model()
+    model.balancer = LossBalancer(["mask", "class"], mode="ema", weights={"mask": 2.0, "class": 1.0})
+    cb = cbm.FixedWeightValLoss()
+    cb.set_model(model)
+    epochs = [{"val_loss": 1.9, "val_mask_loss": 0.99, "val_class_loss": 0.82},   # balancer state of epoch 1
+              {"val_loss": 2.1, "val_mask_loss": 0.96, "val_class_loss": 0.78}]   # every head better, val_loss worse
+    for logs in epochs:
+        cb.on_epoch_end(0, logs)
+    assert epochs[0]["val_loss_fixed"] == pytest.approx(2 * 0.99 + 0.82)
+    assert epochs[1]["val_loss_fixed"] == pytest.approx(2 * 0.96 + 0.78)
+    assert epochs[1]["val_loss_fixed"] < epochs[0]["val_loss_fixed"]
+    no_heads = {"val_loss": 1.0}
+    cb.on_epoch_end(0, no_heads)
+    assert "val_loss_fixed" not in no_heads
