@@ -1,3 +1,4 @@
+# MAINTAINER NOTE: read 00_HELPER_RULES_READ_FIRST.md at the worktree root before anything else (deadline, CPU, python). Delete this line.
 """One record schema for every dataset.
 
 Every reader (folder, coco, yolo, roboflow_csv, figshare, roboflow, phantom) yields
