@@ -186,9 +186,22 @@ class MultiTaskModel(keras.Model):
         """
         import tensorflow as tf
 
+        replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
+        per_head = self.head_loss_values(x, y, y_pred, sample_weight, replicas)
+        for h, value in per_head.items():
+            self.head_loss_trackers[h].update_state(value)
+        total = self.balancer(per_head, training=training) if per_head else ops.zeros((), "float32")
+        if self.losses:
+            total = total + ops.cast(ops.sum(self.losses), "float32")
+        return total / replicas
+
+    def head_loss_values(self, x, y, y_pred, sample_weight=None, replicas: float = 1.0) -> dict:
+        """``{head: loss}`` of the active heads before balancing: each head's masked mean
+        over the records whose target is known (weight > 0), so a batch mixing sources
+        gives each head the mean over the records that know its target, i.e. the
+        per-source losses weighted by their known-target counts."""
         if y is None:
             raise ValueError("MultiTaskModel needs targets: a dict {head: target}")
-        replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
         per_head = {}
         for h in self.active_heads:
             key = target_key(h)
@@ -204,11 +217,7 @@ class MultiTaskModel(keras.Model):
             if key == "class" and CLASS_SET in y and isinstance(sample_weight, Mapping) and sw is not None:
                 value = self._with_class_set(h, value, y_pred[h], y[CLASS_SET], sample_weight[CLASS_SET], sw)
             per_head[h] = value
-            self.head_loss_trackers[h].update_state(value)
-        total = self.balancer(per_head, training=training) if per_head else ops.zeros((), "float32")
-        if self.losses:
-            total = total + ops.cast(ops.sum(self.losses), "float32")
-        return total / replicas
+        return per_head
 
     def _with_class_set(self, head, value, y_pred, y_set, w_set, w_class):
         """The class loss over records with a known class *and* records whose label is only
