@@ -108,6 +108,7 @@ def _use_input_size(data_cfg: dict, network) -> None:
 def run(cfg, args: Sequence[str] = ()) -> dict:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns a summary dict."""
     from .data.pipeline import build_dataset
+    from .data.records import TUMOR
     from .evaluation.collect import EvaluationError, check_compatible, collect, dataset_targets, output_shapes
     from .evaluation.compute import compute_metrics, headline, mark_mask_boxes, per_source
     from .evaluation.metrics import to_jsonable
@@ -145,8 +146,12 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     # one pass, in order: no augmentation, no shuffling, no repeat, no cache (a training cache
     # file holds other records), no XLA (without augmentation the per-batch image work is a
     # cast and a scale: compiling it per batch shape costs more than it saves in one pass)
+    targets = dataset_targets(eval_heads, class_map)
+    if "class" in targets and "tumor" not in targets and any(r.label == TUMOR and r.known.get("label")
+                                                              for r in records) and TUMOR not in class_map.classes:
+        targets.append("tumor")  # images whose only label is a generic tumour: tumour vs healthy from the class head
     ds = build_dataset(records, class_map, {**data_cfg, "augment": None, "repeat": False, "cache": False,
-                                            "xla": False}, training=False, heads=dataset_targets(eval_heads, class_map))
+                                            "xla": False}, training=False, heads=targets)
     arrays = collect(loaded.network, ds, heads, tta=tta, desc=f"evaluate {split}", progress=cfg.get("progress", True),
                      steps=int(math.ceil(len(records) / int(data_cfg.get("batch_size", 32)))),
                      mask_threshold=mask_threshold, thumb=int(cfg.get("thumb_size", 128)),

@@ -1,0 +1,65 @@
+"""src.evaluate on a mix: each source's report (compute.per_source) is the report of that
+source's images alone; images whose only label is a generic tumour are scored on tumour vs
+healthy from the class head."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from src.data.records import ClassMap
+from src.evaluation.collect import Collector
+from src.evaluation.compute import compute_metrics, headline, per_source
+from src.evaluation.metrics import to_jsonable
+
+
+def _batch(rng, n, labels, class_known, masks_known):
+    """Random class probabilities and square masks (predicted one pixel off)."""
+    x = rng.uniform(0, 1, (n, 16, 16, 3)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(4), n).astype(np.float32)
+    tm = np.zeros((n, 16, 16, 1), np.float32)
+    for i in range(n):
+        if labels[i] != 3:
+            a = rng.integers(2, 8)
+            tm[i, a:a + 6, a:a + 5] = 1
+    pm = np.roll(tm, 1, axis=1) * 0.9
+    y = {"class": np.asarray(labels, np.int32), "mask": tm, "tumor": (np.asarray(labels) != 3).astype(np.float32)}
+    w = {"class": np.asarray(class_known, np.float32), "mask": np.asarray(masks_known, np.float32),
+         "tumor": np.ones(n, np.float32)}
+    return x, y, w, {"class": probs, "mask": pm}
+
+
+def _metrics(batches):
+    col = Collector(["class", "mask"])
+    for b in batches:
+        col.add(*b)
+    return col.arrays()
+
+
+def test_each_source_report_equals_its_images_alone():
+    rng = np.random.default_rng(0)
+    cm = ClassMap()
+    fig = _batch(rng, 6, [0, 1, 2, 0, 1, 2], np.ones(6), np.ones(6))          # classes + masks
+    kag = _batch(rng, 5, [0, 3, 1, 3, 2], np.ones(5), [0, 1, 0, 1, 0])          # classes, healthy masks empty
+    br = _batch(rng, 4, [0, 0, 0, 0], np.zeros(4), [1, 1, 1, 0])                # generic tumours: no class
+    mixed = _metrics([fig, kag, br])
+    sources = ["figshare"] * 6 + ["kaggle"] * 5 + ["br35h"] * 4
+    rep = per_source(mixed, sources, ["figshare", "kaggle", "br35h"], cm)
+    assert list(rep) == ["figshare", "kaggle", "br35h"] and rep["kaggle"]["n_images"] == 5
+    for name, b in (("figshare", fig), ("kaggle", kag), ("br35h", br)):
+        alone = compute_metrics(_metrics([b]), cm)
+        got = json.loads(json.dumps(to_jsonable(rep[name]["heads"])))
+        want = json.loads(json.dumps(to_jsonable(alone["heads"])))
+        assert got == want, name
+    assert rep["figshare"]["heads"]["mask"]["dice_global"] == pytest.approx(
+        compute_metrics(_metrics([fig]), cm)["heads"]["mask"]["dice_global"])
+    assert "class" not in rep["br35h"]["heads"]
+    # the generic tumours: tumour vs healthy read off the class head (1 - p(no_tumor))
+    t = rep["br35h"]["heads"]["tumor_from_class"]
+    p_tumor = 1 - br[3]["class"][:, 3]
+    assert t["per_class"]["tumor"]["recall"] == pytest.approx(np.mean(p_tumor >= 0.5))
+    scalars = headline(to_jsonable(rep["br35h"]))
+    assert "tumor_from_class/recall_tumor" in scalars
+    # a single dataset without generic tumours gets no such section (as before)
+    assert "tumor_from_class" not in compute_metrics(_metrics([fig, kag]), cm)["heads"]
