@@ -106,6 +106,17 @@ Config keys (``cfg``: a dict or an OmegaConf node; other keys are ignored)
                                and evaluation datasets alike.
 ``max_boxes`` (None)           padding of ``boxes_all``; None = most boxes on one record.
 ``seed`` (None)                shuffling and augmentation seed (None: random).
+``sampling`` (``natural``)     training only: ``natural`` (every record once a pass,
+                               shuffled), ``balanced`` (every class equally likely:
+                               rejection sampling; a mix: within each source, sources by
+                               weight) or ``weights`` (a mix: each record drawn from a
+                               source with probability proportional to its weight, one
+                               shuffled endless stream per source, each cached on its own,
+                               mixed by ``sample_from_datasets``, seeded). An epoch is one
+                               pass' worth of records in every mode.
+``sources`` (None)             a mix's ``data.sources`` (``[{name, weight, ...}]``; only
+                               ``name`` and ``weight`` are read): records are matched to a
+                               source by ``Record.source``.
 ``drop_remainder`` (False)
 ``num_parallel_calls`` (auto)  ``auto`` (tf.data AUTOTUNE) or an int.
 ``repeat`` (False)             False | True (forever) | number of epochs.
