@@ -160,8 +160,8 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     if arrays["n"] != len(records):
         raise EvaluationError(f"the pipeline gave {arrays['n']} images for {len(records)} records")
 
-    meta = [{"path": r.image, "group": r.group if r.group is not None else "", "split": r.split, "tta": tta}
-            for r in records]
+    meta = [{"path": r.image, "group": r.group if r.group is not None else "", "split": r.split, "tta": tta,
+             **({"source": r.source} if bundle.sources else {})} for r in records]
     boxes_known = [bool(r.known.get("boxes")) for r in records] if "boxes" in eval_heads else None
     metrics = compute_metrics(arrays, class_map, threshold, n_bins=int(cfg.get("calibration_bins", 15)),
                               boxes_known=boxes_known)

@@ -63,3 +63,15 @@ def test_each_source_report_equals_its_images_alone():
     assert "tumor_from_class/recall_tumor" in scalars
     # a single dataset without generic tumours gets no such section (as before)
     assert "tumor_from_class" not in compute_metrics(_metrics([fig, kag]), cm)["heads"]
+
+
+def test_report_has_a_per_source_table(tmp_path):
+    from src.evaluation.report import write_report
+
+    rng = np.random.default_rng(1)
+    cm = ClassMap()
+    batches = [_batch(rng, 4, [0, 1, 2, 0], np.ones(4), np.ones(4)), _batch(rng, 3, [0, 0, 0], np.zeros(3), np.ones(3))]
+    mixed = _metrics(batches)
+    doc = to_jsonable({**compute_metrics(mixed, cm), "sources": per_source(mixed, ["f"] * 4 + ["b"] * 3, ["f", "b"], cm)})
+    page = write_report(tmp_path / "r.html", doc, {}).read_text()
+    assert "Per source" in page and "<td>f</td>" in page and "<td>b</td>" in page and "tumour recall" in page
