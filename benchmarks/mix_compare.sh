@@ -12,7 +12,7 @@ PY=${PY:-python}
 OUT=${OUT:-outputs/mix_compare}
 COMMON="experiment=mix_joint data.image_size=$SIZE data.batch_size=16 trainer.max_time=$BUDGET tracking=none paths.output_root=$OUT ${EXTRA:-}"
 w() { echo "data.sources.0.weight=$1 data.sources.1.weight=$2 data.sources.2.weight=$3"; }
-for spec in "mix:1:1:0.5:" "figshare_only:1:0:0:" "kaggle_only:0:1:0:model.heads=[class]"; do
+for spec in ${RUNS:-"mix:1:1:0.5:" "figshare_only:1:0:0:" "kaggle_only:0:1:0:model.heads=[class]" "br35h_only:0:0:1:"}; do
   IFS=: read -r name a b c extra <<<"$spec"
   echo "== $name"
   $PY -m src.train $COMMON $(w "$a" "$b" "$c") task_name="$name" $extra

@@ -1,4 +1,3 @@
-# MAINTAINER NOTE: read 00_HELPER_RULES_READ_FIRST.md at the worktree root before anything else (deadline, CPU, python). Delete this line.
 """The tf.data pipeline: records -> ``(x, targets, sample_weights)`` batches.
 
 Usage::

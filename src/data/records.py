@@ -1,4 +1,3 @@
-# MAINTAINER NOTE: read 00_HELPER_RULES_READ_FIRST.md at the worktree root before anything else (deadline, CPU, python). Delete this line.
 """One record schema for every dataset.
 
 Every reader (folder, coco, yolo, roboflow_csv, figshare, roboflow, phantom) yields

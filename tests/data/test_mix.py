@@ -142,9 +142,9 @@ def test_source_weights_give_the_requested_proportions_and_seeded_runs_repeat(tm
     np.testing.assert_allclose(share, [0.5, 0.25, 0.25], atol=0.05)  # 960 draws: sd ~0.016
     batch_sources = [len(set(got[i:i + 16])) for i in range(0, len(got), 16)]
     assert min(batch_sources) >= 2  # batches mix the sources
-    again = _stream_classes(recs, sources, seed=5, batches=20)
+    again = _stream_classes(recs, sources, seed=5, batches=8)
     np.testing.assert_array_equal(again, got[:len(again)])
-    other = _stream_classes(recs, sources, seed=6, batches=20)
+    other = _stream_classes(recs, sources, seed=6, batches=8)
     assert not np.array_equal(other, got[:len(other)])
 
 
