@@ -163,6 +163,49 @@ def _boxes_report(col, c: _Ctx) -> Optional[dict]:
     return rep
 
 
+def _generic_boxes(col, c: _Ctx) -> bool:
+    """Predicted boxes, and known boxes of a class the slots do not have (a generic tumour)."""
+    y = col["y"]
+    if "boxes" not in col["pred"] or "boxes_all_classes" not in y:
+        return False
+    bc, cnt = np.asarray(y["boxes_all_classes"]), np.asarray(y["boxes_all_count"]).ravel()
+    if c.boxes_known is None and "boxes" not in col["w"]:
+        return False
+    listed = np.arange(bc.shape[1])[None, :] < cnt[:, None]
+    return bool((listed & (bc < 0))[_boxes_known(col, c)].any())
+
+
+def _agnostic_boxes_report(col, c: _Ctx) -> Optional[dict]:
+    """Class-agnostic COCO bbox mAP on the images with known boxes: every true box is a
+    ``tumor``, one detection per image (the box of the most likely tumour class's slot; read
+    off the mask, every slot holds the same box) scored ``1 - p(no_tumor)``: the box figure of
+    data whose boxes have no subtype (Br35H)."""
+    from .detection import coco_evaluate, coco_implementation, xyxy_to_coco
+
+    y, pred = col["y"], col["pred"]
+    sel = np.flatnonzero(_boxes_known(col, c))
+    size = tuple(col.get("image_shape") or (1, 1))[:2]
+    ba = xyxy_to_coco(np.asarray(y["boxes_all"], np.float64)[sel], size)
+    cnt = np.asarray(y["boxes_all_count"]).ravel()[sel]
+    gts = [{"image": n, "category": 0, "bbox": ba[n, j]} for n in range(len(sel)) for j in range(int(cnt[n]))]
+    if not gts:
+        return None
+    boxes = np.asarray(pred["boxes"], np.float64)[sel]
+    tumor_idx = [k for k, name in enumerate(c.classes) if name != NO_TUMOR]
+    if c.probs is not None and NO_TUMOR in c.classes:
+        probs = np.asarray(c.probs)[sel]
+        slot = np.asarray(tumor_idx)[probs[:, tumor_idx].argmax(axis=1)]
+        score = 1.0 - probs[:, c.classes.index(NO_TUMOR)]
+    else:
+        slot, score = np.zeros(len(sel), np.int64), np.ones(len(sel))
+    pix = xyxy_to_coco(boxes[np.arange(len(sel)), slot][:, None], size)[:, 0]
+    dets = [{"image": n, "category": 0, "bbox": pix[n], "score": score[n]} for n in range(len(sel))]
+    rep = coco_evaluate([size] * len(sel), gts, dets, ["tumor"], "bbox")
+    rep["note"] = "class-agnostic: every true box a tumour, one detection per image scored 1 - p(no_tumor)"
+    rep["implementations"] = {"map50/map50_95/map75/mar100": coco_implementation("bbox", size)}
+    return rep
+
+
 def _mask_report(col, c: _Ctx) -> Optional[dict]:
     from .detection import mask_map
     from .metrics import mask_report
@@ -214,6 +257,7 @@ HEAD_REPORTS = (
     ("tumor_from_class", _generic_tumors, _tumor_from_class_report, "no known tumour / healthy labels"),
     ("subtype", _predicted("subtype"), _subtype_report, "no tumour image with a known subtype"),
     ("boxes", _predicted("boxes"), _boxes_report, "no known boxes"),
+    ("boxes_agnostic", _generic_boxes, _agnostic_boxes_report, "no known boxes"),
     ("mask", _scored("mask_dice"), _mask_report, "no known masks"),
     *((h, _scored(f"{h}_psnr"), _recon_report(h), None) for h in RECON_HEADS),
 )
@@ -313,6 +357,7 @@ HEADLINES = {
     "multilabel": lambda m: {"subset_accuracy": m["subset_accuracy"], "macro_f1": m["macro"]["f1"],
                              "roc_auc_macro": m["roc_auc"]["macro"]},
     "boxes": _keys("slot_iou_mean", "slot_iou_ge_0.5", "slot_iou_ge_0.75", "map50", "map50_95", "map75", "voc_map50"),
+    "boxes_agnostic": _keys("map50", "map50_95", "map75"),
     "mask": _keys("dice_mean", "dice_mean_tumor_only", "iou_mean", "hd95_mean", "dice_global", "map50", "map50_95"),
     **{h: (lambda m: {"psnr": m["psnr_mean"], "ssim": m["ssim_mean"]}) for h in RECON_HEADS},
 }

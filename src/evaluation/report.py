@@ -246,7 +246,7 @@ def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping]
 SOURCE_COLUMNS = (("class accuracy", "class/accuracy"), ("class macro F1", "class/macro_f1"),
                   ("tumour recall (class head)", "tumor_from_class/recall_tumor"), ("tumour accuracy", "tumor/accuracy"),
                   ("Dice", "mask/dice_mean"), ("Dice (tumour slices)", "mask/dice_mean_tumor_only"),
-                  ("box mAP@0.5", "boxes/map50"))
+                  ("box mAP@0.5", "boxes/map50"), ("box mAP@0.5 (class-agnostic)", "boxes_agnostic/map50"))
 
 
 def _sources_section(sources: Mapping) -> str:

@@ -75,3 +75,28 @@ def test_report_has_a_per_source_table(tmp_path):
     doc = to_jsonable({**compute_metrics(mixed, cm), "sources": per_source(mixed, ["f"] * 4 + ["b"] * 3, ["f", "b"], cm)})
     page = write_report(tmp_path / "r.html", doc, {}).read_text()
     assert "Per source" in page and "<td>f</td>" in page and "<td>b</td>" in page and "tumour recall" in page
+
+
+def test_generic_tumour_boxes_get_a_class_agnostic_box_map():
+    """Br35H-like images: boxes of a generic tumour (no class slot); a mask model's boxes
+    (read off its masks) are scored class-agnostic, 1 - p(no_tumor) as the confidence."""
+    n = 3
+    x = np.zeros((n, 16, 16, 3), np.float32)
+    tm = np.zeros((n, 16, 16, 1), np.float32)
+    boxes_all = np.zeros((n, 1, 4), np.float32)
+    for i, (a, b) in enumerate([(2, 8), (4, 12), (6, 14)]):
+        tm[i, a:b, a:b] = 1
+        boxes_all[i, 0] = [a / 16, a / 16, b / 16, b / 16]
+    pm = tm.copy()
+    pm[2] = 0  # the third tumour is missed
+    probs = np.tile(np.array([[0.5, 0.2, 0.2, 0.1]], np.float32), (n, 1))
+    y = {"class": np.zeros(n, np.int32), "mask": tm, "boxes": np.zeros((n, 4, 4), np.float32), "boxes_all": boxes_all,
+         "boxes_all_classes": np.full((n, 1), -1, np.int32), "boxes_all_count": np.ones(n, np.int32)}
+    w = {"class": np.zeros(n, np.float32), "mask": np.ones(n, np.float32), "boxes": np.zeros((n, 4), np.float32)}
+    col = Collector(["class", "mask"], boxes_from_mask="largest")
+    col.add(x, y, w, {"class": probs, "mask": pm})
+    rep = compute_metrics(col.arrays(), ClassMap(), boxes_known=np.ones(n, bool))
+    ag = rep["heads"]["boxes_agnostic"]
+    assert ag["n_gt"] == 3 and ag["n_detections"] == 3
+    assert ag["map50"] == pytest.approx(2 / 3, abs=0.02)  # 2 of 3 found (101-point interpolation)
+    assert "boxes" not in rep["heads"]  # no class slot is known
