@@ -299,10 +299,34 @@ def cross_split_stats(records: Sequence[Record], units: list[list[int]]) -> dict
 
 
 # ---- loading ---------------------------------------------------------------------------------
+def read_sources(sources: Sequence[Source], cache_dir: Optional[str]) -> tuple[list[Record], dict, SkipLog]:
+    """Every source through :func:`~src.data.dataset.load_data` (unsplit): ``(records with
+    their source and source-prefixed groups, per-source summaries, skipped files)``."""
+    from .dataset import load_data
+
+    skipped = SkipLog()
+    records: list[Record] = []
+    per_source: dict[str, dict] = {}
+    for s in sources:
+        b = load_data(s.cfg, cache_dir=cache_dir, assign=False)
+        for r in b.records:
+            r.source = s.name
+            if r.group is not None:
+                r.group = f"{s.name}:{r.group}"
+        skipped.items.extend(b.skipped.items)
+        per_source[s.name] = {"reader": s.cfg.get("reader"), "root": b.root, "weight": s.weight,
+                              "read": len(b.records), "own_splits": any(r.split for r in b.records),
+                              "skipped": b.skipped.summary(3)}
+        if b.duplicates is not None:
+            per_source[s.name]["duplicates"] = b.duplicates
+        records.extend(b.records)
+    return records, per_source, skipped
+
+
 def load_mix(data_cfg, cache_dir: Optional[str] = None, assign: bool = True):
     """Read every source, apply the cross-source hygiene, split each source and reconcile:
     one :class:`~src.data.dataset.DataBundle` with ``sources`` and ``hygiene`` summaries."""
-    from .dataset import DataBundle, _get, load_data, make_class_map, split_options
+    from .dataset import DataBundle, _get, make_class_map, split_options
 
     class_map = make_class_map(data_cfg)
     sources = parse_sources(data_cfg)
@@ -310,24 +334,7 @@ def load_mix(data_cfg, cache_dir: Optional[str] = None, assign: bool = True):
     name = str(_get(data_cfg, "name", "mix"))
     on_error = _get(data_cfg, "on_error", "raise")
     order = [s.name for s in sources]
-    skipped = SkipLog()
-    records: list[Record] = []
-    per_source: dict[str, dict] = {}
-    own_splits: dict[str, bool] = {}
-    for s in sources:
-        b = load_data(s.cfg, cache_dir=cache_dir, assign=False)
-        for r in b.records:
-            r.source = s.name
-            if r.group is not None:
-                r.group = f"{s.name}:{r.group}"
-        own_splits[s.name] = any(r.split for r in b.records)
-        skipped.items.extend(b.skipped.items)
-        per_source[s.name] = {"reader": s.cfg.get("reader"), "root": b.root, "weight": s.weight,
-                              "read": len(b.records), "own_splits": own_splits[s.name],
-                              "skipped": b.skipped.summary(3)}
-        if b.duplicates is not None:
-            per_source[s.name]["duplicates"] = b.duplicates
-        records.extend(b.records)
+    records, per_source, skipped = read_sources(sources, cache_dir)
     dup_dir = str(Path(cache_dir) / "duplicates") if cache_dir else None
     records, pairs, kinds, hinfo = cross_source_pairs(records, hyg, dup_dir, on_error, skipped)
     fixed = [r.split for r in records]
