@@ -97,3 +97,29 @@ def test_generic_tumour_class_loss_is_tumour_vs_healthy(tmp_path):
         ratio = g[:, :3] / pz[:, :3]
         np.testing.assert_allclose(ratio, ratio[:, :1].repeat(3, axis=1), rtol=1e-4)
         assert np.all(ratio < 0) and np.all(g[:, 3] > 0)  # mass leaves no_tumor, enters the set
+
+
+def test_mixed_batch_metrics_count_known_targets_only(tmp_path):
+    """The compiled per-head metrics of a mixed batch see only the records whose target is
+    known: class accuracy over the labelled figshare/Kaggle images (not the generic Br35H
+    tumours), Dice over the known masks (not Kaggle's tumour images)."""
+    from src.training.metrics import head_metrics
+
+    keras.utils.set_random_seed(2)
+    model = MultiTaskModel(_network(), {"class": "ce", "mask": {"name": "dice_focal"}})
+    recs = _records(tmp_path)
+    _, _, (x, y, w) = _losses(model, recs)
+    out = model(x, training=False)
+    metrics = head_metrics(["class", "mask"], 4)
+    for head, ms in metrics.items():
+        for m in ms:
+            m.update_state(y[head], out[head], sample_weight=w[head])
+    known = np.asarray(w["class"]) > 0
+    pred = np.asarray(out["class"]).argmax(1)
+    assert known.sum() == 7  # 3 figshare + 4 Kaggle
+    assert float(metrics["class"][0].result()) == pytest.approx(np.mean(pred[known] == np.asarray(y["class"])[known]))
+    mk = np.asarray(w["mask"]) > 0
+    pm, tm = np.asarray(out["mask"])[..., 0] >= 0.5, np.asarray(y["mask"])[..., 0] >= 0.5
+    inter, tot = (pm & tm).sum((1, 2)), pm.sum((1, 2)) + tm.sum((1, 2))
+    dice = np.where(tot > 0, 2 * inter / np.maximum(tot, 1), 1.0)
+    assert mk.sum() == 7 and float(metrics["mask"][0].result()) == pytest.approx(dice[mk].mean(), abs=1e-6)
