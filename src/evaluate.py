@@ -28,6 +28,12 @@ that head's metrics. The pipeline runs with ``training=False`` (no augmentation,
 shuffling). The folder goes to ``<run>/eval_<split>`` (or
 ``<output_root>/evaluate/<timestamp>`` for a bare checkpoint) unless ``out=DIR``.
 
+A mix (``data=mix``, ``data.sources``): the figures above are those of the whole split,
+and ``metrics.json`` ``sources`` holds the same report for each source's images of the
+split (the figshare Dice, the Kaggle 4-class accuracy, the Br35H tumour recall and Dice),
+``<source>/<head>/<metric>`` in MLflow and the console. Any model can be scored on a mix
+this way (a single-dataset model with ``data=mix``, on the mix's splits).
+
 ``tta=flip`` (test-time augmentation, :func:`src.inference.predict_with_tta`) scores the
 mean of the model's outputs on each image and on its horizontal mirror (masks and
 reconstructions flipped back, mirrored boxes un-flipped); ``metrics.json`` (``tta``), the
@@ -102,8 +108,9 @@ def _use_input_size(data_cfg: dict, network) -> None:
 def run(cfg, args: Sequence[str] = ()) -> dict:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns a summary dict."""
     from .data.pipeline import build_dataset
+    from .data.records import TUMOR
     from .evaluation.collect import EvaluationError, check_compatible, collect, dataset_targets, output_shapes
-    from .evaluation.compute import compute_metrics, headline, mark_mask_boxes
+    from .evaluation.compute import compute_metrics, headline, mark_mask_boxes, per_source
     from .evaluation.metrics import to_jsonable
     from .evaluation.report import save_report
     from .evaluation.tracking import log_to_mlflow
@@ -139,8 +146,12 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     # one pass, in order: no augmentation, no shuffling, no repeat, no cache (a training cache
     # file holds other records), no XLA (without augmentation the per-batch image work is a
     # cast and a scale: compiling it per batch shape costs more than it saves in one pass)
+    targets = dataset_targets(eval_heads, class_map)
+    if "class" in targets and "tumor" not in targets and any(r.label == TUMOR and r.known.get("label")
+                                                              for r in records) and TUMOR not in class_map.classes:
+        targets.append("tumor")  # images whose only label is a generic tumour: tumour vs healthy from the class head
     ds = build_dataset(records, class_map, {**data_cfg, "augment": None, "repeat": False, "cache": False,
-                                            "xla": False}, training=False, heads=dataset_targets(eval_heads, class_map))
+                                            "xla": False}, training=False, heads=targets)
     arrays = collect(loaded.network, ds, heads, tta=tta, desc=f"evaluate {split}", progress=cfg.get("progress", True),
                      steps=int(math.ceil(len(records) / int(data_cfg.get("batch_size", 32)))),
                      mask_threshold=mask_threshold, thumb=int(cfg.get("thumb_size", 128)),
@@ -149,13 +160,18 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     if arrays["n"] != len(records):
         raise EvaluationError(f"the pipeline gave {arrays['n']} images for {len(records)} records")
 
-    meta = [{"path": r.image, "group": r.group if r.group is not None else "", "split": r.split, "tta": tta}
-            for r in records]
+    meta = [{"path": r.image, "group": r.group if r.group is not None else "", "split": r.split, "tta": tta,
+             **({"source": r.source} if bundle.sources else {})} for r in records]
     boxes_known = [bool(r.known.get("boxes")) for r in records] if "boxes" in eval_heads else None
     metrics = compute_metrics(arrays, class_map, threshold, n_bins=int(cfg.get("calibration_bins", 15)),
                               boxes_known=boxes_known)
     if mask_boxes and not mark_mask_boxes(metrics, box_mode, min_area, mask_threshold):
         mask_boxes, eval_heads = False, heads   # the data has no known box to score them against
+    sources = {}
+    if bundle.sources:  # a mix: each source's images of the split on their own
+        sources = per_source(arrays, [r.source for r in records], bundle.source_names(), class_map, threshold,
+                             n_bins=int(cfg.get("calibration_bins", 15)), boxes_known=boxes_known,
+                             mask_boxes=(box_mode, min_area, mask_threshold) if mask_boxes else None)
 
     out_dir = Path(cfg.out) if cfg.get("out") else (
         run_dir / f"eval_{split}" if run_dir is not None else
@@ -167,8 +183,12 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
            "mask_threshold": mask_threshold, "image_size": data_cfg["image_size"], "tta": tta,
            "boxes_from_mask": box_mode if mask_boxes else None, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
            **metrics}
+    if sources:
+        doc["sources"] = sources
     save_report(out_dir, doc, arrays, class_map, meta=meta, gallery=int(cfg.get("gallery", 6)))
     scalars = headline(to_jsonable(doc))
+    for name, m in sources.items():
+        scalars.update({f"{name}/{k}": v for k, v in headline(to_jsonable(m)).items()})
     tags = {"model": doc["model"], "data": bundle.name, "evaluated_split": split, "evaluated_checkpoint": str(ckpt)}
     mlflow_info = log_to_mlflow(settings["tracking"], run_dir, out_dir, split, scalars, tags)
     return {"out": str(out_dir), "report": str(out_dir / "report.html"), "checkpoint": str(ckpt), "split": split,

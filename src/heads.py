@@ -24,6 +24,11 @@ RECON_HEADS = ("recon", "reconstruction")
 #: heads with a dataset target of their own (not auxiliary, not reconstruction)
 TARGET_HEADS = CLASS_HEADS + ("boxes", "mask")
 
+#: a companion target of ``class`` (not a head): the classes a record's label is known to lie
+#: in when the label is not itself a class (a generic ``tumor``: every tumour class); the
+#: ``class`` head's loss adds ``-log sum p(set)`` for those records (tumour vs healthy, no subtype)
+CLASS_SET = "class_set"
+
 #: which ``Record.known`` flag makes a head's target known (``"always"``: the input image)
 KNOWN_FLAG = {"class": "label", "multilabel": "label", "tumor": "label", "subtype": "label",
               "boxes": "boxes", "mask": "mask", "recon": "always", "reconstruction": "always"}

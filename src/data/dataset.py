@@ -3,7 +3,9 @@
 ``load_data(cfg.data)`` reads the dataset with its reader (or a cleaned manifest),
 assigns groups from ``group_regex``, handles duplicate images (``data.duplicates: keep |
 group | drop``, :mod:`src.data.dedup.resolve`), rasterises polygon masks once, assigns
-group-aware splits and returns a :class:`DataBundle`.
+group-aware splits and returns a :class:`DataBundle`. A config with ``data.sources`` is a
+mix of several datasets (:mod:`src.data.mix`): each source is read like this, then the
+cross-source split hygiene joins them.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ class DataBundle:
     skipped: SkipLog = field(default_factory=SkipLog)
     root: Optional[str] = None
     duplicates: Optional[dict] = None  # what data.duplicates did (None with keep)
+    sources: Optional[dict] = None  # a mix (data.sources): per source its reader, root, weight, counts
+    hygiene: Optional[dict] = None  # a mix: what the cross-source split hygiene did (src.data.mix)
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
@@ -41,7 +45,16 @@ class DataBundle:
         pseudo = pseudo_counts(self.records)
         if pseudo:
             out["pseudo"] = pseudo  # model-made targets (e.g. CAM pseudo masks), counted apart
+        if self.sources is not None:
+            out["sources"] = self.sources
+            out["hygiene"] = self.hygiene
         return out
+
+    def source_names(self) -> list[str]:
+        """The sources of a mix in ``data.sources`` order (one name for a single dataset)."""
+        if self.sources:
+            return list(self.sources)
+        return sorted({r.source for r in self.records})
 
 
 def _get(cfg: Any, key: str, default=None):
@@ -126,6 +139,10 @@ def load_data(data_cfg, cache_dir: Optional[str] = None, assign: bool = True) ->
     ``cache_dir`` holds rasterised masks, converted files and image hashes
     (``<cache_dir>/duplicates``: with ``data.duplicates`` group/drop a second run hashes nothing).
     """
+    from .mix import is_mix, load_mix
+
+    if is_mix(data_cfg):
+        return load_mix(data_cfg, cache_dir=cache_dir, assign=assign)
     class_map = make_class_map(data_cfg)
     dup_settings = duplicate_settings(data_cfg)  # a bad value fails before any reading
     name = str(_get(data_cfg, "name", _get(data_cfg, "reader", "data")))

@@ -22,9 +22,8 @@ from .records import DataError, Record, pseudo_counts
 log = logging.getLogger(__name__)
 
 
-def describe(bundle: DataBundle) -> dict:
-    """JSON-able summary of a :class:`DataBundle`."""
-    recs = bundle.records
+def _per_split(recs: Sequence[Record]) -> dict:
+    """Images, classes, boxes, masks, unknown targets and groups per split."""
     per_split: dict = {}
     for r in recs:
         s = per_split.setdefault(r.split or "none", {
@@ -42,6 +41,16 @@ def describe(bundle: DataBundle) -> dict:
                 s["unknown"][t] += 1
         if r.group is not None:
             s["groups"].add(r.group)
+    return {k: {"images": v["images"], "classes": dict(sorted(v["classes"].items())), "boxes": v["boxes"],
+                "images_with_boxes": v["images_with_boxes"], "masks": v["masks"], "pseudo_masks": v["pseudo_masks"],
+                "unknown": {t: v["unknown"].get(t, 0) for t in ("label", "boxes", "mask")},
+                "groups": len(v["groups"])}
+            for k, v in sorted(per_split.items())}
+
+
+def describe(bundle: DataBundle) -> dict:
+    """JSON-able summary of a :class:`DataBundle` (a mix: also per source, and its hygiene)."""
+    recs = bundle.records
     sizes = collections.Counter(f"{r.width}x{r.height}" for r in recs)
     groups = collections.Counter(r.group for r in recs if r.group is not None)
     out = {
@@ -49,12 +58,7 @@ def describe(bundle: DataBundle) -> dict:
         "root": bundle.root,
         "classes": list(bundle.class_map.classes),
         "images": len(recs),
-        "splits": {
-            k: {"images": v["images"], "classes": dict(sorted(v["classes"].items())), "boxes": v["boxes"],
-                "images_with_boxes": v["images_with_boxes"], "masks": v["masks"], "pseudo_masks": v["pseudo_masks"],
-                "unknown": {t: v["unknown"].get(t, 0) for t in ("label", "boxes", "mask")},
-                "groups": len(v["groups"])}
-            for k, v in sorted(per_split.items())},
+        "splits": _per_split(recs),
         "image_sizes": dict(sizes.most_common(10)),
         "distinct_image_sizes": len(sizes),
         "groups": {"count": len(groups),
@@ -65,6 +69,12 @@ def describe(bundle: DataBundle) -> dict:
     pseudo = pseudo_counts(recs)
     if pseudo:
         out["pseudo"] = pseudo
+    if bundle.sources:
+        out["per_source"] = {name: {"reader": info.get("reader"), "root": info.get("root"), "weight": info.get("weight"),
+                                    "images": info.get("images"),
+                                    "splits": _per_split([r for r in recs if r.source == name])}
+                             for name, info in bundle.sources.items()}
+        out["hygiene"] = bundle.hygiene
     return out
 
 

@@ -49,6 +49,11 @@ key                    target                     weight       weight is 1 when
                                                                known boxes exist (-> 1)
 ``subtype``            int32 ``[B]`` id in        ``[B]``      label is one of the tumour
                        ``tumor_classes``                       classes (healthy / generic: 0)
+``class_set``          float32 ``[B, C]`` multi-  ``[B]``      (with ``class``) the label is the
+                       hot of the classes the                  generic ``tumor``, ``tumor`` is not
+                       label may be (every                     a class and ``no_tumor`` is: the
+                       tumour class)                           class head learns tumour vs healthy
+                                                               (``-log sum p(set)``), no subtype
 ``boxes``              float32 ``[B, C, 4]``      ``[B, C]``   boxes known and slot ``k`` has a
                        xyxy: slot ``k`` = box                  box (still inside the image after
                        enclosing all boxes of                  augmentation)
@@ -103,6 +108,17 @@ Config keys (``cfg``: a dict or an OmegaConf node; other keys are ignored)
                                and evaluation datasets alike.
 ``max_boxes`` (None)           padding of ``boxes_all``; None = most boxes on one record.
 ``seed`` (None)                shuffling and augmentation seed (None: random).
+``sampling`` (``natural``)     training only: ``natural`` (every record once a pass,
+                               shuffled), ``balanced`` (every class equally likely:
+                               rejection sampling; a mix: within each source, sources by
+                               weight) or ``weights`` (a mix: each record drawn from a
+                               source with probability proportional to its weight, one
+                               shuffled endless stream per source, each cached on its own,
+                               mixed by ``sample_from_datasets``, seeded). An epoch is one
+                               pass' worth of records in every mode.
+``sources`` (None)             a mix's ``data.sources`` (``[{name, weight, ...}]``; only
+                               ``name`` and ``weight`` are read): records are matched to a
+                               source by ``Record.source``.
 ``drop_remainder`` (False)
 ``num_parallel_calls`` (auto)  ``auto`` (tf.data AUTOTUNE) or an int.
 ``repeat`` (False)             False | True (forever) | number of epochs.
@@ -157,7 +173,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from ..heads import target_key
+from ..heads import CLASS_SET, target_key
 from . import augment as aug
 from .records import NO_TUMOR, TUMOR, ClassMap, DataError, Record
 
@@ -183,11 +199,13 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "xla": True,
     "sampling": "natural",
     "pseudo_weight": 1.0,
+    "sources": None,
 }
-SAMPLING = ("natural", "balanced")
+SAMPLING = ("natural", "balanced", "weights")
 
 TARGET_KEYS: tuple[str, ...] = ("class", "multilabel", "tumor", "subtype", "boxes",
                                 "boxes_all", "boxes_all_classes", "boxes_all_count", "mask")
+
 _BOXES_ALL = ("boxes_all", "boxes_all_classes", "boxes_all_count")
 _IGNORED_HEADS = ("image", "reconstruction")
 #: ``cache: auto`` keeps a training set's decoded images in memory when they fit in this
@@ -275,9 +293,26 @@ def pipeline_config(cfg) -> dict:
         raise ValueError(f"data.pseudo_weight must be in [0, 1], got {out['pseudo_weight']!r}")
     if out["sampling"] not in SAMPLING:
         raise ValueError(f"data.sampling must be one of {' | '.join(SAMPLING)}, got {out['sampling']!r}")
+    out["sources"] = _source_weights(out["sources"])
+    if out["sampling"] == "weights" and not out["sources"]:
+        raise ValueError("data.sampling=weights draws the sources of a mix by their weights (data.sources); this data "
+                         "has no sources: use natural or balanced, or data=mix")
     npc = out["num_parallel_calls"]
     out["num_parallel_calls"] = tf.data.AUTOTUNE if npc in ("auto", None, -1, "AUTOTUNE") else int(npc)
     out["augment"] = aug.augment_config(out["augment"] or {}) if out["augment"] is not None else None
+    return out
+
+
+def _source_weights(sources) -> Optional[dict]:
+    """``data.sources`` (a list of ``{name, weight, ...}``) -> ``{name: weight}`` (None: no mix)."""
+    if not sources:
+        return None
+    if isinstance(sources, dict):
+        return {str(k): float(v) for k, v in sources.items()}
+    out = {}
+    for s in sources:
+        s = dict(s)
+        out[str(s.get("name") or s.get("reader"))] = float(s.get("weight", 1.0))
     return out
 
 
@@ -411,7 +446,10 @@ def encode_targets(records: Sequence[Record], class_map: ClassMap, geometry: Seq
         "boxes_all_classes": np.full((n, max_boxes), -1, np.int32),
         "boxes_all_count": np.zeros(n, np.int32),
         "mask_w": np.zeros(n, np.float32),
+        CLASS_SET: np.zeros((n, C), np.float32), CLASS_SET + "_w": np.zeros(n, np.float32),
     }
+    tumor_set = np.array([c in tumor_classes for c in classes], np.float32)
+    can_set = NO_TUMOR in cidx and TUMOR not in cidx and tumor_set.any()
     for i, r in enumerate(records):
         label_known = bool(r.known.get("label")) and r.label is not None
         label = r.label if label_known else None
@@ -438,6 +476,10 @@ def encode_targets(records: Sequence[Record], class_map: ClassMap, geometry: Seq
         elif boxes_known and len(r.boxes):
             out["tumor"][i] = 1.0
             out["tumor_w"][i] = 1.0
+        # the class head of a generic tumour: any tumour class (tumour vs healthy, no subtype)
+        if can_set and out["class_w"][i] == 0 and out["tumor_w"][i] > 0 and out["tumor"][i] == 1:
+            out[CLASS_SET][i] = tumor_set
+            out[CLASS_SET + "_w"][i] = 1.0
         # subtype
         if label in tumor_classes:
             out["subtype"][i] = tumor_classes.index(label)
@@ -581,6 +623,8 @@ class PipelinePlan:
     mask_bytes: int = 0
     stats: dict = field(default_factory=dict)
     sample_class: Optional[np.ndarray] = None  # [N] class id, num_classes for an unknown label
+    accept: Optional[np.ndarray] = None  # [N] keep probability of each record (sampling=balanced)
+    mix: Optional[dict] = None  # training a mix by source weights: {"names", "indices", "probs"}
 
     def summary(self) -> dict:
         return {"records": self.n, "channels_decoded": self.channels, "codecs": [f"{f}/{r}" for f, r in self.codecs],
@@ -646,7 +690,9 @@ def plan_pipeline(records: Sequence[Record], class_map: ClassMap, cfg, training:
     tgt = {}
     for k, v in targets.items():
         base = k[:-2] if k.endswith("_w") else k
-        if base in heads_set or (k == "mask_w" and "mask" in heads_set):
+        # class_set only where some record needs it (a dataset without generic tumours is unchanged)
+        with_set = base == CLASS_SET and "class" in heads_set and bool(targets[CLASS_SET + "_w"].any())
+        if base in heads_set or (k == "mask_w" and "mask" in heads_set) or with_set:
             tgt[k] = v
     mask_bytes = 0
     if "mask" in heads_set:
@@ -679,14 +725,62 @@ def plan_pipeline(records: Sequence[Record], class_map: ClassMap, cfg, training:
         "image_size": list(size),
     }
     sample_class = np.where(targets["class_w"] > 0, targets["class"], class_map.num_classes).astype(np.int32)
-    if training and cfg["sampling"] != "natural":
-        stats["sampling"] = {"mode": cfg["sampling"], **sampling_distributions(sample_class, class_map.num_classes)}
-        log.info("data sampling: %s (class shares %s -> %s; last entry: unknown label)", cfg["sampling"],
-                 stats["sampling"]["initial"], stats["sampling"]["target"])
+    mix = _plan_mix(records, cfg, stats) if training and cfg["sources"] and cfg["sampling"] != "natural" else None
+    accept = None
+    if training and cfg["sampling"] == "balanced":
+        groups = mix["indices"] if mix else [np.arange(len(records))]
+        accept = np.zeros(len(records), np.float32)
+        for k, idx in enumerate(groups):  # every class equally likely within each stream (the data, or a source)
+            dist = sampling_distributions(sample_class[idx], class_map.num_classes)
+            accept[idx] = _accept_probabilities(dist)[sample_class[idx]]
+            if mix:
+                stats["sampling"]["sources"][mix["names"][k]].update(dist)
+            else:
+                stats["sampling"] = {"mode": "balanced", **dist}
+                log.info("data sampling: balanced (class shares %s -> %s; last entry: unknown label)",
+                         dist["initial"], dist["target"])
     return PipelinePlan(cfg=cfg, training=bool(training), heads=heads_set, n=len(records), channels=channels,
                         codecs=codecs, table=table, targets=tgt, any_resize=any(need_resize),
                         any_pad=any(g[2] or g[3] or g[0] != H or g[1] != W for g in geometry),
-                        mask_bytes=mask_bytes, stats=stats, sample_class=sample_class)
+                        mask_bytes=mask_bytes, stats=stats, sample_class=sample_class, accept=accept, mix=mix)
+
+
+def _plan_mix(records: Sequence[Record], cfg: dict, stats: dict) -> Optional[dict]:
+    """Training streams of a mix (``sampling: weights | balanced``): the record indices of
+    each source with a weight > 0 and records, and the probability of drawing from it."""
+    weights = cfg["sources"]
+    names = [r.source for r in records]
+    unknown = sorted(set(names) - set(weights))
+    if unknown:
+        raise DataError(f"records of source(s) {unknown} but data.sources lists {sorted(weights)}")
+    kept, info = [], {}
+    for name, w in weights.items():
+        idx = np.flatnonzero(np.array(names, dtype=object) == name)
+        info[name] = {"records": int(len(idx)), "weight": float(w)}
+        if len(idx) and w > 0:
+            kept.append((name, idx, float(w)))
+        elif len(idx):
+            log.warning("data sampling: source %s has weight 0: its %d training records are never drawn", name,
+                        len(idx))
+    if not kept:
+        raise DataError("data sampling: no source has both training records and a weight > 0")
+    total = sum(w for _, _, w in kept)
+    probs = [w / total for _, _, w in kept]
+    for (name, _, _), p in zip(kept, probs):
+        info[name]["share"] = round(p, 6)
+    stats["sampling"] = {"mode": cfg["sampling"], "sources": info}
+    log.info("data sampling: %s by source weight (%s)%s", cfg["sampling"],
+             ", ".join(f"{n} {p:.0%}" for (n, _, _), p in zip(kept, probs)),
+             "; classes balanced within each source" if cfg["sampling"] == "balanced" else "")
+    return {"names": [n for n, _, _ in kept], "indices": [i for _, i, _ in kept], "probs": probs}
+
+
+def _accept_probabilities(dist: dict) -> np.ndarray:
+    """Keep probability per class bucket of the rejection sampler: ``target / initial``,
+    scaled so the rarest class is always kept."""
+    initial, target = np.asarray(dist["initial"]), np.asarray(dist["target"])
+    ratio = np.divide(target, initial, out=np.zeros_like(target), where=initial > 0)
+    return (ratio / max(ratio.max(), 1e-12)).astype(np.float32)
 
 
 def sampling_distributions(sample_class: np.ndarray, num_classes: int) -> dict:
@@ -973,41 +1067,83 @@ class _Graph:
         return {"image": imgs, "meta": el["meta"]}
 
     # ---- order ---------------------------------------------------------------------
-    def _shuffle_repeat(self, d):
-        cfg, plan, seed = self.cfg, self.plan, self.cfg["seed"]
-        buf = plan.n if cfg["shuffle_buffer"] in (None, -1) else int(cfg["shuffle_buffer"] or 0)
+    def _epochs(self, d, n: int):
+        """An endless resampled stream -> one pass' worth of ``n`` records per epoch (and
+        the configured repeats), or left endless with ``repeat: true``."""
+        rep = self.cfg["repeat"]
+        if rep is True:
+            return d
+        d = d.take(n)
+        reps = int(rep) if rep not in (False, None, 0) else 0
+        return d.repeat(reps) if reps > 1 else d
+
+    def _shuffle_repeat(self, d, n: Optional[int] = None, k: int = 0):
+        cfg, plan, seed = self.cfg, self.plan, _sub_seed(self.cfg["seed"], k)
+        n = plan.n if n is None else n
+        buf = n if cfg["shuffle_buffer"] in (None, -1) else int(cfg["shuffle_buffer"] or 0)
         rep = cfg["repeat"]
         reps = None if rep is True else (int(rep) if rep not in (False, None, 0) else 0)
         if self.training and cfg["shuffle_buffer"] != 0 and buf > 1:
             d = d.shuffle(buf, seed=seed, reshuffle_each_iteration=True)
+        if self.training and plan.mix is not None:  # one endless stream per source, mixed later
+            d = d.repeat()
+            return _resample_classes(d, plan.accept, seed) if plan.accept is not None else d
         if self.training and cfg["sampling"] == "balanced":
-            d = _resample_classes(d.repeat(), plan, seed)
-            if rep is not True:  # an epoch is still one pass' worth of records
-                d = d.take(plan.n)
-                if reps and reps > 1:
-                    d = d.repeat(reps)
-            return d
+            return self._epochs(_resample_classes(d.repeat(), plan.accept, seed), n)
         if rep is True:
             d = d.repeat()
         elif reps and reps > 1:
             d = d.repeat(reps)
         return d
 
+    def _records(self, idx=None) -> tf.data.Dataset:
+        """Records (all, or those at ``idx``) as tf.data elements ``{meta, path[, mask_path]}``."""
+        tab = self.plan.table
+        pick = (lambda a: a) if idx is None else (lambda a: a[idx])
+        slices = {"meta": pick(tab["meta"]), "path": tf.constant(list(pick(tab["path"])), tf.string)}
+        if self.mask_fmt == "png":
+            slices["mask_path"] = tf.constant(list(pick(tab["mask_path"])), tf.string)
+        return tf.data.Dataset.from_tensor_slices(slices)
+
+    def _decoded(self, d, k: Optional[int] = None):
+        """Per element decoded and cached (``cache``: memory, or a file prefix per source)."""
+        cache = self.cfg["cache"]
+        d = d.map(self.load, num_parallel_calls=self.npc, deterministic=self.det)
+        path = "" if cache == "memory" else str(cache) + ("" if k is None else f"_source{k}")
+        return d.cache(path)
+
+    def _mixed(self, cached: bool) -> tf.data.Dataset:
+        """A mix drawn by source weight: one shuffled endless stream per source (each cached
+        on its own), mixed by ``sample_from_datasets`` (seeded), one pass' worth an epoch."""
+        mix = self.plan.mix
+        streams = []
+        for k, idx in enumerate(mix["indices"]):
+            d = self._records(idx)
+            if cached:
+                d = self._decoded(d, k)
+            streams.append(self._shuffle_repeat(d, len(idx), k + 1))
+        seed = self.cfg["seed"]
+        d = tf.data.Dataset.sample_from_datasets(streams, weights=mix["probs"],
+                                                 seed=None if seed is None else int(seed) + 104729,
+                                                 rerandomize_each_iteration=True)
+        return self._epochs(d, self.plan.n)
+
     def batched_records(self) -> tf.data.Dataset:
         """Batches of records: decoded per batch in :meth:`finalise`, or (with ``cache``)
-        decoded per element, cached, then shuffled and batched."""
-        cfg, tab = self.cfg, self.plan.table
-        slices = {"meta": tab["meta"], "path": tf.constant(list(tab["path"]), tf.string)}
-        if self.mask_fmt == "png":
-            slices["mask_path"] = tf.constant(list(tab["mask_path"]), tf.string)
-        ds = tf.data.Dataset.from_tensor_slices(slices)
+        decoded per element, cached, then shuffled and batched. A mix drawn by source weight
+        (:meth:`_mixed`) gives batches that mix the sources."""
+        cfg = self.cfg
         bs, drop = int(cfg["batch_size"]), bool(cfg["drop_remainder"])
-        if cfg["cache"] in (False, None):
+        cached = cfg["cache"] not in (False, None)
+        if self.training and self.plan.mix is not None:
+            ds = self._mixed(cached)
+        elif not cached:
+            ds = self._shuffle_repeat(self._records())
+        else:
+            ds = self._shuffle_repeat(self._decoded(self._records()))
+        if not cached:
             self.batched_load = self.load_batch
-            return self._shuffle_repeat(ds).batch(bs, drop_remainder=drop)
-        ds = ds.map(self.load, num_parallel_calls=self.npc, deterministic=self.det)
-        ds = ds.cache("" if cfg["cache"] == "memory" else str(cfg["cache"]))
-        ds = self._shuffle_repeat(ds)
+            return ds.batch(bs, drop_remainder=drop)
         return ds.batch(bs, drop_remainder=drop, num_parallel_calls=self.npc, deterministic=self.det)
 
     # ---- per batch -----------------------------------------------------------------
@@ -1055,6 +1191,8 @@ class _Graph:
         for k in ("class", "multilabel", "tumor", "subtype"):
             if k in heads:
                 y[k], w[k] = t[k], t[k + "_w"]
+        if CLASS_SET in t:
+            y[CLASS_SET], w[CLASS_SET] = t[CLASS_SET], t[CLASS_SET + "_w"]
         if "boxes" in heads:
             bx, bw = t["boxes"], t["boxes_w"]
             if mats is not None:
@@ -1077,21 +1215,23 @@ class _Graph:
         return y, w
 
 
-def _resample_classes(d: tf.data.Dataset, plan: PipelinePlan, seed) -> tf.data.Dataset:
+def _sub_seed(seed, k: int):
+    """The seed of stream ``k`` (0: the whole data, as before mixes existed; None stays None)."""
+    return None if seed is None else (int(seed) if k == 0 else int(seed) + 1009 * k)
+
+
+def _resample_classes(d: tf.data.Dataset, accept: np.ndarray, seed) -> tf.data.Dataset:
     """An endless stream in which every class is equally likely: rejection sampling of
-    the shuffled stream, each element kept with probability ``target/initial`` of its
-    class, scaled so the rarest class is always kept (frequent classes are skipped more
-    often; no image is repeated within a pass more than the shuffle would)."""
-    dist = plan.stats["sampling"]
-    initial, target = np.asarray(dist["initial"]), np.asarray(dist["target"])
-    ratio = np.divide(target, initial, out=np.zeros_like(target), where=initial > 0)
-    accept = tf.constant(ratio / max(ratio.max(), 1e-12), tf.float32)
-    table = tf.constant(plan.sample_class, tf.int32)
+    the shuffled stream, each element kept with probability ``accept`` of its record
+    (``target/initial`` of its class, scaled so the rarest class is always kept:
+    :func:`_accept_probabilities`; frequent classes are skipped more often, no image is
+    repeated within a pass more than the shuffle would)."""
+    table = tf.constant(accept, tf.float32)
     rnd = tf.data.Dataset.random(seed=None if seed is None else int(seed) + 7919, rerandomize_each_iteration=True)
 
     def keep(el, r):
         u = tf.cast(r % (1 << 24), tf.float32) / float(1 << 24)
-        return u < tf.gather(accept, tf.gather(table, el["meta"][0]))
+        return u < tf.gather(table, el["meta"][0])
 
     return tf.data.Dataset.zip((d, rnd)).filter(keep).map(lambda el, _r: el)
 

@@ -187,9 +187,10 @@ class Collector:
         pb = pm >= self.mask_threshold
         tb = tm.reshape(B, H, W) > 0.5
         known = wm.reshape(B) > 0
-        sc = {k: np.full(B, np.nan) for k in ("dice", "iou", "hd95", "pred_area", "true_area")}
+        sc = {k: np.full(B, np.nan) for k in ("dice", "iou", "hd95", "pred_area", "true_area", "inter")}
         if known.any():
             s = mask_scores(pb[known], tb[known])
+            s["inter"] = np.logical_and(pb[known], tb[known]).reshape(int(known.sum()), -1).sum(axis=1)
             for k in sc:
                 sc[k][known] = s[k]
             self.pooled["inter"] += float(np.logical_and(pb[known], tb[known]).sum())

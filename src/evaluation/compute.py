@@ -9,6 +9,8 @@
 * :func:`class_scores` -- the 4-class reading of a model (its ``class`` head, or
   ``tumor`` + ``subtype`` composed, or ``multilabel``), shared by all of the above and
   the plots.
+* :func:`subset` / :func:`per_source` -- the same reports for each source of a mix
+  (``metrics.json`` ``sources``), from one pass over the split.
 """
 from __future__ import annotations
 
@@ -101,6 +103,28 @@ def _tumor_report(col, c: _Ctx) -> Optional[dict]:
                          n_bins=c.n_bins) if sel.any() else None
 
 
+def _tumor_from_class_report(col, c: _Ctx) -> Optional[dict]:
+    """Tumour vs healthy read off the 4-class head (p(tumour) = 1 - p(no_tumor)) on every image
+    whose tumour status is known: evaluated only where some image's class is *not* known
+    but its tumour status is (a generic ``tumor`` label, e.g. Br35H), the one figure those
+    images have."""
+    from .metrics import binary_report
+
+    sel = known(col, "tumor")
+    if not sel.any() or NO_TUMOR not in c.classes:
+        return None
+    p_tumor = 1.0 - c.probs[sel, c.classes.index(NO_TUMOR)]
+    rep = binary_report(col["y"]["tumor"][sel], p_tumor, c.threshold, names=(NO_TUMOR, "tumor"), n_bins=c.n_bins)
+    rep["note"] = "p(tumour) = 1 - p(no_tumor) of the class head; every image with a known tumour status"
+    return rep
+
+
+def _generic_tumors(col, c: _Ctx) -> bool:
+    """A class head without a tumour head, and images with a known tumour status but no known class."""
+    return (c.source == ["class"] and "tumor" not in col["pred"] and "tumor" in col["y"]
+            and bool((known(col, "tumor") & ~known(col, "class")).any()))
+
+
 def _subtype_report(col, c: _Ctx) -> Optional[dict]:
     from .metrics import classification_report
 
@@ -136,6 +160,49 @@ def _boxes_report(col, c: _Ctx) -> Optional[dict]:
                    note="boxes read off the predicted mask (no box head): every class slot holds the "
                         "mask's box, an empty mask a zero box (IoU 0); detection confidence = the "
                         "image's class probability")
+    return rep
+
+
+def _generic_boxes(col, c: _Ctx) -> bool:
+    """Predicted boxes, and known boxes of a class the slots do not have (a generic tumour)."""
+    y = col["y"]
+    if "boxes" not in col["pred"] or "boxes_all_classes" not in y:
+        return False
+    bc, cnt = np.asarray(y["boxes_all_classes"]), np.asarray(y["boxes_all_count"]).ravel()
+    if c.boxes_known is None and "boxes" not in col["w"]:
+        return False
+    listed = np.arange(bc.shape[1])[None, :] < cnt[:, None]
+    return bool((listed & (bc < 0))[_boxes_known(col, c)].any())
+
+
+def _agnostic_boxes_report(col, c: _Ctx) -> Optional[dict]:
+    """Class-agnostic COCO bbox mAP on the images with known boxes: every true box is a
+    ``tumor``, one detection per image (the box of the most likely tumour class's slot; read
+    off the mask, every slot holds the same box) scored ``1 - p(no_tumor)``: the box figure of
+    data whose boxes have no subtype (Br35H)."""
+    from .detection import coco_evaluate, coco_implementation, xyxy_to_coco
+
+    y, pred = col["y"], col["pred"]
+    sel = np.flatnonzero(_boxes_known(col, c))
+    size = tuple(col.get("image_shape") or (1, 1))[:2]
+    ba = xyxy_to_coco(np.asarray(y["boxes_all"], np.float64)[sel], size)
+    cnt = np.asarray(y["boxes_all_count"]).ravel()[sel]
+    gts = [{"image": n, "category": 0, "bbox": ba[n, j]} for n in range(len(sel)) for j in range(int(cnt[n]))]
+    if not gts:
+        return None
+    boxes = np.asarray(pred["boxes"], np.float64)[sel]
+    tumor_idx = [k for k, name in enumerate(c.classes) if name != NO_TUMOR]
+    if c.probs is not None and NO_TUMOR in c.classes:
+        probs = np.asarray(c.probs)[sel]
+        slot = np.asarray(tumor_idx)[probs[:, tumor_idx].argmax(axis=1)]
+        score = 1.0 - probs[:, c.classes.index(NO_TUMOR)]
+    else:
+        slot, score = np.zeros(len(sel), np.int64), np.ones(len(sel))
+    pix = xyxy_to_coco(boxes[np.arange(len(sel)), slot][:, None], size)[:, 0]
+    dets = [{"image": n, "category": 0, "bbox": pix[n], "score": score[n]} for n in range(len(sel))]
+    rep = coco_evaluate([size] * len(sel), gts, dets, ["tumor"], "bbox")
+    rep["note"] = "class-agnostic: every true box a tumour, one detection per image scored 1 - p(no_tumor)"
+    rep["implementations"] = {"map50/map50_95/map75/mar100": coco_implementation("bbox", size)}
     return rep
 
 
@@ -187,8 +254,10 @@ HEAD_REPORTS = (
      "no image of this split has a known class label"),
     ("multilabel", _predicted("multilabel"), _multilabel_report, "no known labels"),
     ("tumor", _predicted("tumor"), _tumor_report, "no known tumour / healthy labels"),
+    ("tumor_from_class", _generic_tumors, _tumor_from_class_report, "no known tumour / healthy labels"),
     ("subtype", _predicted("subtype"), _subtype_report, "no tumour image with a known subtype"),
     ("boxes", _predicted("boxes"), _boxes_report, "no known boxes"),
+    ("boxes_agnostic", _generic_boxes, _agnostic_boxes_report, "no known boxes"),
     ("mask", _scored("mask_dice"), _mask_report, "no known masks"),
     *((h, _scored(f"{h}_psnr"), _recon_report(h), None) for h in RECON_HEADS),
 )
@@ -214,6 +283,41 @@ def compute_metrics(col: Mapping, class_map, threshold: float = 0.5, n_bins: int
         else:
             heads[head] = rep
     return {"heads": heads, "notes": ctx.notes}
+
+
+def subset(col: Mapping, idx) -> dict:
+    """The arrays of :meth:`Collector.arrays` restricted to images ``idx`` (pooled mask sums
+    recomputed from the per-image areas and intersections)."""
+    idx = np.asarray(idx, np.int64)
+    take = lambda d: {k: np.asarray(v)[idx] for k, v in d.items()}  # noqa: E731
+    out = {**col, "pred": take(col["pred"]), "y": take(col["y"]), "w": take(col["w"]), "scores": take(col["scores"]),
+           "thumbs": take(col.get("thumbs", {})), "n": int(len(idx)),
+           "rles": {k: [v[i] for i in idx] for k, v in (col.get("rles") or {}).items()}}
+    sc = out["scores"]
+    if "mask_inter" in sc:
+        out["pooled"] = {"inter": float(np.nansum(sc["mask_inter"])), "pred": float(np.nansum(sc["mask_pred_area"])),
+                         "true": float(np.nansum(sc["mask_true_area"]))}
+    return out
+
+
+def per_source(col: Mapping, sources: Sequence[str], order: Sequence[str], class_map, threshold: float = 0.5,
+               n_bins: int = 15, boxes_known: Optional[Sequence[bool]] = None,
+               mask_boxes: Optional[tuple] = None) -> dict:
+    """``{source: {"n_images", "heads", "notes"}}``: :func:`compute_metrics` of each source's
+    images (``sources[i]`` = image ``i``'s source; ``order``: the report order). ``mask_boxes``
+    = ``(mode, min_area, mask_threshold)`` when boxes were read off the masks."""
+    src = np.asarray(sources, dtype=object)
+    out = {}
+    for name in list(order) + sorted(set(sources) - set(order)):
+        idx = np.flatnonzero(src == name)
+        if not len(idx):
+            continue
+        bk = None if boxes_known is None else np.asarray(boxes_known, bool)[idx]
+        m = compute_metrics(subset(col, idx), class_map, threshold, n_bins=n_bins, boxes_known=bk)
+        if mask_boxes is not None:
+            mark_mask_boxes(m, *mask_boxes)
+        out[name] = {"n_images": int(len(idx)), **m}
+    return out
 
 
 def mark_mask_boxes(metrics: dict, mode: str, min_area: int, mask_threshold: float) -> bool:
@@ -248,10 +352,12 @@ def _keys(*keys: str) -> Callable:
 HEADLINES = {
     "class": _classification_headline,
     "tumor": _classification_headline,
+    "tumor_from_class": lambda m: {"accuracy": m["accuracy"], "recall_tumor": m["per_class"]["tumor"]["recall"]},
     "subtype": _classification_headline,
     "multilabel": lambda m: {"subset_accuracy": m["subset_accuracy"], "macro_f1": m["macro"]["f1"],
                              "roc_auc_macro": m["roc_auc"]["macro"]},
     "boxes": _keys("slot_iou_mean", "slot_iou_ge_0.5", "slot_iou_ge_0.75", "map50", "map50_95", "map75", "voc_map50"),
+    "boxes_agnostic": _keys("map50", "map50_95", "map75"),
     "mask": _keys("dice_mean", "dice_mean_tumor_only", "iou_mean", "hd95_mean", "dice_global", "map50", "map50_95"),
     **{h: (lambda m: {"psnr": m["psnr_mean"], "ssim": m["ssim_mean"]}) for h in RECON_HEADS},
 }

@@ -224,6 +224,8 @@ def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping]
     for key in RECON_HEADS:
         if key in heads:
             parts.append(_recon_section(key, heads[key]))
+    if metrics.get("sources"):
+        parts.append(_sources_section(metrics["sources"]))
     if plots.get("gallery"):
         parts.append("<h2>Worst and best cases</h2><p class='note'>Green: true box / mask outline; red dashed: "
                      f"predicted. Ranked by {html.escape(str(meta.get('gallery_score', 'score')))}.</p>")
@@ -238,6 +240,24 @@ def write_report(path, metrics: Mapping, plots: Mapping, meta: Optional[Mapping]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+#: the per-source table of a mix: (column, headline key)
+SOURCE_COLUMNS = (("class accuracy", "class/accuracy"), ("class macro F1", "class/macro_f1"),
+                  ("tumour recall (class head)", "tumor_from_class/recall_tumor"), ("tumour accuracy", "tumor/accuracy"),
+                  ("Dice", "mask/dice_mean"), ("Dice (tumour slices)", "mask/dice_mean_tumor_only"),
+                  ("box mAP@0.5", "boxes/map50"), ("box mAP@0.5 (class-agnostic)", "boxes_agnostic/map50"))
+
+
+def _sources_section(sources: Mapping) -> str:
+    """A mix: one row per source (its images of the split), the headline figures of each head."""
+    from .compute import headline
+
+    scal = {name: headline(m) for name, m in sources.items()}
+    cols = [(c, k) for c, k in SOURCE_COLUMNS if any(k in v for v in scal.values())]
+    rows = [[name, m.get("n_images")] + [scal[name].get(k) for _, k in cols] for name, m in sources.items()]
+    return ("<h2>Per source <span class='note'>(each source's images of this split on their own; full reports "
+            "in metrics.json <code>sources</code>)</span></h2>" + _table(["source", "images"] + [c for c, _ in cols], rows))
 
 
 TTA_NOTE = {"none": "none", "flip": "flip (mean of the image and its horizontal mirror, spatial outputs flipped back)"}

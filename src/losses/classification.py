@@ -23,6 +23,7 @@ __all__ = [
     "SparseCategoricalFocalLoss",
     "MaskedSparseCategoricalCrossentropy",
     "class_weights_from_labels",
+    "class_set_nll",
     "CLASS_WEIGHT_MODES",
 ]
 
@@ -273,3 +274,22 @@ class MaskedSparseCategoricalCrossentropy(SparseCategoricalFocalLoss):
         config.pop("gamma")
         config["class_weights"] = config.pop("alpha")
         return config
+
+
+# --------------------------------------------------------------------------- set-valued labels
+def class_set_nll(y_set, y_pred, from_logits: bool = False):
+    """Per-sample ``-log sum_{c in set} p_c`` of a softmax head: the label is only known to lie
+    in a set of classes (``y_set`` ``[B, C]`` multi-hot), e.g. a generic ``tumor`` is *some*
+    tumour class. With the set = every class but ``no_tumor`` this is ``-log(1 - p(no_tumor))``,
+    the tumour-vs-healthy cross-entropy: the mass on the set grows, and within the set each
+    class's logit moves in proportion to its own probability, so no subtype is taught.
+    Computed in float32; an empty set row gives a finite (unused) value."""
+    y_set = ops.cast(y_set, "float32")
+    y_pred = ops.cast(y_pred, "float32")
+    if from_logits:
+        log_p = ops.log_softmax(y_pred, axis=-1)
+        masked = ops.where(y_set > 0, log_p, ops.full_like(log_p, -1e9))
+        return -ops.logsumexp(masked, axis=-1)
+    eps = keras.config.epsilon()
+    p = y_pred / ops.maximum(ops.sum(y_pred, axis=-1, keepdims=True), eps)
+    return -ops.log(ops.clip(ops.sum(y_set * p, axis=-1), eps, 1.0))

@@ -32,8 +32,9 @@ from typing import Mapping, Optional
 import keras
 from keras import ops
 
-from ..heads import ACCURACY_HEADS, BINARY_HEADS, is_aux_head, target_key
+from ..heads import ACCURACY_HEADS, BINARY_HEADS, CLASS_SET, is_aux_head, target_key
 from ..losses import get_loss
+from ..losses.classification import class_set_nll
 from ..losses.balancing import LossBalancer
 
 __all__ = ["MultiTaskModel", "load_checkpoint", "check_keras_file", "CheckpointLoadError", "TASK_KEYS",
@@ -185,9 +186,22 @@ class MultiTaskModel(keras.Model):
         """
         import tensorflow as tf
 
+        replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
+        per_head = self.head_loss_values(x, y, y_pred, sample_weight, replicas)
+        for h, value in per_head.items():
+            self.head_loss_trackers[h].update_state(value)
+        total = self.balancer(per_head, training=training) if per_head else ops.zeros((), "float32")
+        if self.losses:
+            total = total + ops.cast(ops.sum(self.losses), "float32")
+        return total / replicas
+
+    def head_loss_values(self, x, y, y_pred, sample_weight=None, replicas: float = 1.0) -> dict:
+        """``{head: loss}`` of the active heads before balancing: each head's masked mean
+        over the records whose target is known (weight > 0), so a batch mixing sources
+        gives each head the mean over the records that know its target, i.e. the
+        per-source losses weighted by their known-target counts."""
         if y is None:
             raise ValueError("MultiTaskModel needs targets: a dict {head: target}")
-        replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
         per_head = {}
         for h in self.active_heads:
             key = target_key(h)
@@ -200,12 +214,23 @@ class MultiTaskModel(keras.Model):
                 raise ValueError(f"no target {key!r} for head {h!r}; the dataset yields {sorted(y)}")
             target = ops.cast(target, "float32") if key == "x" else target
             value = ops.cast(self.head_losses[h](target, y_pred[h], sample_weight=sw), "float32") * replicas
+            if key == "class" and CLASS_SET in y and isinstance(sample_weight, Mapping) and sw is not None:
+                value = self._with_class_set(h, value, y_pred[h], y[CLASS_SET], sample_weight[CLASS_SET], sw)
             per_head[h] = value
-            self.head_loss_trackers[h].update_state(value)
-        total = self.balancer(per_head, training=training) if per_head else ops.zeros((), "float32")
-        if self.losses:
-            total = total + ops.cast(ops.sum(self.losses), "float32")
-        return total / replicas
+        return per_head
+
+    def _with_class_set(self, head, value, y_pred, y_set, w_set, w_class):
+        """The class loss over records with a known class *and* records whose label is only
+        known to be in a set of classes (a generic tumour: :func:`src.losses.class_set_nll`):
+        ``(sum_known w l + sum_set w l_set) / (sum w_known + sum w_set)``, the masked mean over
+        both, so each record counts once; exactly ``value`` when the batch has no set labels."""
+        w_set = ops.reshape(ops.cast(w_set, "float32"), (-1,))
+        w_class = ops.reshape(ops.cast(w_class, "float32"), (-1,))
+        nll = class_set_nll(y_set, y_pred, from_logits=bool(getattr(self.head_losses[head], "from_logits", False)))
+        nll = ops.where(w_set > 0, nll, ops.zeros_like(nll))
+        n_set, n_class = ops.sum(w_set), ops.sum(w_class)
+        combined = (value * n_class + ops.sum(w_set * nll)) / ops.maximum(n_class + n_set, 1e-12)
+        return ops.where(n_set > 0, combined, value)
 
     def train_step(self, data):
         # a Python flag, read while the train step is traced (compute_metrics and

@@ -14,7 +14,7 @@ ALL_YAML = sorted(CONFIG_DIR.rglob("*.yaml"))
 @pytest.mark.parametrize("name", DATA)
 def test_every_data_config_composes(name):
     cfg = compose([f"data={name}"])
-    assert cfg.data.reader
+    assert cfg.data.reader or cfg.data.sources  # a mix (data.sources) has a reader per source
     assert cfg.data.name
     # everything except mandatory user-supplied values resolves
     c = OmegaConf.to_container(cfg.data, resolve=False)
@@ -35,7 +35,9 @@ def test_data_configs_and_readers_agree():
     from src.data.base import get_reader
 
     for name in DATA:
-        get_reader(compose([f"data={name}"]).data.reader)
+        data = compose([f"data={name}"]).data
+        for reader in [s.reader for s in data.sources] if data.sources else [data.reader]:
+            get_reader(reader)
 
 
 def test_overrides_apply():

@@ -1,0 +1,224 @@
+"""Data mixes (``data.sources``, :mod:`src.data.mix`): per-source records and summaries,
+cross-source split hygiene (refused overlap, one split per copy group, dropped copies),
+sampling by source weight (proportions, seeded repeats) and the generic-tumour targets."""
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from src.data.dataset import load_data
+from src.data.describe import describe
+from src.data.records import ClassMap, DataError, Record
+from tests.conftest import need_dataset
+from tests.data.fixtures_images import save, slice_image
+
+
+# ---- two small folder sources that share images ------------------------------------------
+def _sources(tmp_path, shared: int = 8):
+    """``a``: Training/{glioma, no_tumor} (its own train split); ``b``: {meningioma, no_tumor}
+    without splits, whose first ``shared`` no_tumor images are byte copies of ``a``'s."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for k in range(12):
+        save(a / "Training" / "glioma" / f"g{k:02d}.png", slice_image(100 + k))
+        save(a / "Training" / "no_tumor" / f"n{k:02d}.png", slice_image(200 + k))
+        save(b / "meningioma" / f"m{k:02d}.png", slice_image(300 + k))
+    for k in range(12):
+        dst = b / "no_tumor" / f"bn{k:02d}.png"
+        if k < shared:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(a / "Training" / "no_tumor" / f"n{k:02d}.png", dst)
+        else:
+            save(dst, slice_image(400 + k))
+    return a, b
+
+
+def _cfg(a, b, **kw) -> dict:
+    cfg = {"name": "mix", "duplicates_hamming": None, "split": {"seed": 3},
+           "sources": [{"name": "a", "reader": "folder", "root": str(a), "weight": 3.0},
+                       {"name": "b", "reader": "folder", "root": str(b), "weight": 1.0}]}
+    cfg.update(kw)
+    return cfg
+
+
+def _copy_splits(bundle) -> list[set]:
+    """The splits of each shared image's copies (a's n<k> and b's bn<k>)."""
+    by_name = collections.defaultdict(set)
+    for r in bundle.records:
+        stem = r.image.rsplit("/", 1)[-1].replace("bn", "n")
+        if "no_tumor" in r.image and stem[1:3].isdigit() and int(stem[1:3]) < 8:
+            by_name[stem].add(r.split)
+    return list(by_name.values())
+
+
+def test_overlap_refused_with_hygiene_off(tmp_path):
+    a, b = _sources(tmp_path)
+    with pytest.raises(DataError, match=r"data.sources overlap \(8 duplicate image pairs across sources: a / b: 8\).*"
+                                        r"data.allow_overlap=true"):
+        load_data(_cfg(a, b, hygiene="off"), cache_dir=str(tmp_path / "cache"))
+    # allowed: the copies fall where each source's splitter puts them (some apart), and it says so
+    mixed = load_data(_cfg(a, b, hygiene="off", allow_overlap=True), cache_dir=str(tmp_path / "cache"))
+    assert any(len(s) > 1 for s in _copy_splits(mixed))
+    assert mixed.hygiene["cross_splits_after"]["groups"] > 0
+
+
+def test_hygiene_group_puts_copies_in_one_split(tmp_path):
+    a, b = _sources(tmp_path)
+    bundle = load_data(_cfg(a, b, hygiene="group"), cache_dir=str(tmp_path / "cache"))
+    splits = _copy_splits(bundle)
+    assert len(splits) == 8 and all(len(s) == 1 for s in splits)
+    h = bundle.hygiene
+    assert h["pairs"] == 8 and h["by_source_pair"] == {"a / b": 8} and h["by_kind"] == {"exact": 8}
+    assert h["would_cross_splits"]["groups"] > 0 and h["cross_splits_after"]["groups"] == 0
+    assert h["dropped"]["images"] == 0 and h["moved"] > 0
+    # every record remembers its source; a's own train split is kept (val carved), b is carved three ways
+    assert collections.Counter(r.source for r in bundle.records) == {"a": 24, "b": 24}
+    assert {r.split for r in bundle.records if r.source == "a"} <= {"train", "val", "test"}
+    assert all(r.group.startswith(r.source + ":") for r in bundle.records if r.group)
+    summary = json.loads(json.dumps(bundle.summary()))
+    assert summary["sources"]["a"]["weight"] == 3.0 and summary["sources"]["b"]["images"] == 24
+    assert sum(s["images"] for s in summary["sources"]["b"]["splits"].values()) == 24
+    d = describe(bundle)
+    assert d["per_source"]["a"]["images"] == 24 and d["hygiene"]["pairs"] == 8
+    # b's copies follow a (the first source) wherever a's splitter put them
+    a_split = {r.image.rsplit("/", 1)[-1]: r.split for r in bundle.records if r.source == "a"}
+    for r in bundle.records:
+        name = r.image.rsplit("/", 1)[-1]
+        if r.source == "b" and name.startswith("bn") and int(name[2:4]) < 8:
+            assert r.split == a_split[name[1:]]
+
+
+def test_hygiene_drop_keeps_the_first_sources_copy(tmp_path):
+    a, b = _sources(tmp_path)
+    bundle = load_data(_cfg(a, b, hygiene="drop"), cache_dir=str(tmp_path / "cache"))
+    assert collections.Counter(r.source for r in bundle.records) == {"a": 24, "b": 16}
+    assert bundle.hygiene["dropped"] == {"images": 8, "by_reason": {"cross_source_copy": 8}, "by_source": {"b": 8}}
+
+
+def test_bad_source_entries_are_one_line(tmp_path):
+    a, b = _sources(tmp_path, shared=0)
+    bad = _cfg(a, b)
+    bad["sources"][1]["wieght"] = 2
+    with pytest.raises(DataError, match=r"data.sources\[1\] has unknown key 'wieght' \(did you mean 'weight'\?\)"):
+        load_data(bad)
+    bad = _cfg(a, b)
+    bad["sources"][1]["name"] = "a"
+    with pytest.raises(DataError, match="the name 'a' is used twice"):
+        load_data(bad)
+    with pytest.raises(DataError, match="data.hygiene must be one of"):
+        load_data(_cfg(a, b, hygiene="sometimes"))
+
+
+# ---- sampling by source weight ----------------------------------------------------------------
+def _labelled_records(tmp_path, per_source: dict) -> list[Record]:
+    """``per_source``: {source: (label, n)}; small distinct images, one label per source."""
+    recs = []
+    for s_i, (source, (label, n)) in enumerate(sorted(per_source.items())):
+        for k in range(n):
+            p = save(tmp_path / source / f"{k:02d}.png", slice_image(1000 * (s_i + 1) + k, size=24))
+            recs.append(Record(image=str(p), label=label, source=source, split="train",
+                               known={"label": True, "boxes": False, "mask": False}))
+    return recs
+
+
+def _stream_classes(recs, sources, seed, batches=60, sampling="weights"):
+    from src.data.pipeline import build_dataset
+
+    cfg = {"image_size": 16, "batch_size": 16, "augment": None, "cache": False, "xla": False, "seed": seed,
+           "repeat": True, "sampling": sampling, "sources": sources}
+    ds = build_dataset(recs, ClassMap(), cfg, training=True, heads=["class"])
+    return np.concatenate([y["class"].numpy() for _, y, _ in ds.take(batches)])
+
+
+def test_source_weights_give_the_requested_proportions_and_seeded_runs_repeat(tmp_path):
+    recs = _labelled_records(tmp_path, {"f": ("glioma", 7), "k": ("meningioma", 12), "r": ("pituitary", 5)})
+    sources = [{"name": "f", "weight": 2.0}, {"name": "k", "weight": 1.0}, {"name": "r", "weight": 1.0}]
+    got = _stream_classes(recs, sources, seed=5)  # class id = source: glioma 0 (f), meningioma 1 (k), pituitary 2 (r)
+    share = np.bincount(got, minlength=4)[:3] / len(got)
+    np.testing.assert_allclose(share, [0.5, 0.25, 0.25], atol=0.05)  # 960 draws: sd ~0.016
+    batch_sources = [len(set(got[i:i + 16])) for i in range(0, len(got), 16)]
+    assert min(batch_sources) >= 2  # batches mix the sources
+    again = _stream_classes(recs, sources, seed=5, batches=8)
+    np.testing.assert_array_equal(again, got[:len(again)])
+    other = _stream_classes(recs, sources, seed=6, batches=8)
+    assert not np.array_equal(other, got[:len(other)])
+
+
+def test_weights_sampling_needs_sources(tmp_path):
+    from src.data.pipeline import pipeline_config
+
+    with pytest.raises(ValueError, match="data.sampling=weights draws the sources of a mix"):
+        pipeline_config({"sampling": "weights"})
+
+
+def test_balanced_mix_balances_classes_within_each_source(tmp_path):
+    recs = _labelled_records(tmp_path, {"k": ("no_tumor", 12), "f": ("glioma", 3)})
+    # source k also gets 3 glioma images: within k, glioma 3 vs no_tumor 12 -> 50/50 when balanced
+    recs += [Record(image=r.image, label="glioma", source="k", split="train",
+                    known={"label": True, "boxes": False, "mask": False}) for r in recs if r.source == "f"]
+    got = _stream_classes(recs, [{"name": "k", "weight": 1.0}, {"name": "f", "weight": 0.0}], seed=1, batches=40,
+                          sampling="balanced")
+    share = np.bincount(got, minlength=4) / len(got)
+    assert abs(share[0] - 0.5) < 0.07 and abs(share[3] - 0.5) < 0.07
+
+
+# ---- generic tumour (Br35H) targets -----------------------------------------------------------
+def test_generic_tumor_trains_tumor_vs_healthy_never_the_subtype(tmp_path):
+    from src.data.pipeline import build_dataset
+
+    p = save(tmp_path / "t.png", slice_image(7, size=24))
+    known = {"label": True, "boxes": False, "mask": False}
+    recs = [Record(image=str(p), label="tumor", source="br35h", known=dict(known)),
+            Record(image=str(p), label="glioma", source="figshare", known=dict(known)),
+            Record(image=str(p), label="no_tumor", source="kaggle", known=dict(known))]
+    cfg = {"image_size": 16, "batch_size": 3, "augment": None, "cache": False, "xla": False}
+    _, y, w = next(iter(build_dataset(recs, ClassMap(), cfg, training=False,
+                                      heads=["class", "tumor", "subtype"])))
+    np.testing.assert_array_equal(w["class"].numpy(), [0, 1, 1])       # the generic tumour has no class...
+    np.testing.assert_array_equal(w["class_set"].numpy(), [1, 0, 0])   # ...but a set: any tumour class
+    np.testing.assert_array_equal(y["class_set"].numpy()[0], [1, 1, 1, 0])
+    np.testing.assert_array_equal(w["tumor"].numpy(), [1, 1, 1])
+    np.testing.assert_array_equal(y["tumor"].numpy(), [1, 1, 0])
+    np.testing.assert_array_equal(w["subtype"].numpy(), [0, 1, 0])     # never a subtype
+    # a dataset without generic tumours has no class_set target at all (unchanged)
+    _, y2, _ = next(iter(build_dataset(recs[1:], ClassMap(), cfg, training=False, heads=["class"])))
+    assert "class_set" not in y2
+
+
+# ---- real data: a slice of figshare and the Kaggle images that copy it ---------------------------
+def test_real_mix_slice_keeps_figshare_copies_in_one_split(tmp_path, shared_data):
+    fig, kag = need_dataset(shared_data, "figshare-cheng"), need_dataset(shared_data, "kaggle-brain-mri-224")
+    f_root, k_root = tmp_path / "figshare", tmp_path / "kaggle" / "Training"
+    (f_root / "images").mkdir(parents=True)
+    (f_root / "masks").mkdir()
+    with open(fig / "metadata.csv") as f:
+        rows = list(csv.reader(f))
+    keep = [r for r in rows[1:] if 1 <= int(r[0]) <= 32]
+    with open(f_root / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *keep])
+    for r in keep:
+        (f_root / "images" / f"{r[0]}.jpg").symlink_to(fig / "images" / f"{r[0]}.jpg")
+        (f_root / "masks" / f"{r[0]}.png").symlink_to(fig / "masks" / f"{r[0]}.png")
+    # Kaggle meningioma Tr-me_0227 .. 0301: copies of figshare slices 2-28; plus a few of each other class
+    wanted = [p for p in sorted((kag / "Training" / "meningioma").iterdir()) if "0227" <= p.stem[-4:] <= "0301"]
+    for cls in ("glioma", "notumor", "pituitary"):
+        wanted += sorted((kag / "Training" / cls).iterdir())[:6]
+    for p in wanted:
+        (k_root / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (k_root / p.parent.name / p.name).symlink_to(p)
+    cfg = {"name": "mix", "duplicates": "group", "split": {"seed": 42},
+           "sources": [{"name": "figshare", "reader": "figshare", "root": str(f_root), "options": {"group_block": 16}},
+                       {"name": "kaggle", "reader": "folder", "root": str(k_root.parent)}]}
+    bundle = load_data(cfg, cache_dir=str(tmp_path / "cache"))
+    h = bundle.hygiene
+    assert h["by_source_pair"].get("figshare / kaggle", 0) >= 20
+    assert h["cross_splits_after"]["groups"] == 0
+    split_of = {r.image: r.split for r in bundle.records}
+    assert len({split_of[str(f_root / "images" / f"{k}.jpg")] for k in range(1, 17)}) == 1  # one block, one split
+    assert collections.Counter(r.source for r in bundle.records) == {"figshare": 32, "kaggle": len(wanted)}
+    kaggle_healthy = [r for r in bundle.records if r.source == "kaggle" and r.label == "no_tumor"]
+    assert kaggle_healthy and all(r.known["mask"] and r.known["boxes"] for r in kaggle_healthy)  # empty by definition
