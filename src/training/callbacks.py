@@ -43,7 +43,7 @@ from .optim import swap_ema, uses_ema
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-_MAX_WORDS = ("acc", "auc", "iou", "dice", "precision", "recall", "f1", "map", "fmeasure")
+_MAX_WORDS = ("acc", "auc", "iou", "dice", "precision", "recall", "f1", "map", "fmeasure", "psnr", "ssim")
 
 
 # --------------------------------------------------------------------------- helpers

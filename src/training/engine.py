@@ -98,7 +98,9 @@ def _steps(n_records: int, batch_size: int, cap) -> int:
 
 
 def _monitor_mode(monitor: str) -> str:
-    return "min" if monitor.endswith("loss") else "max"
+    from .callbacks import resolve_mode
+
+    return resolve_mode(monitor)  # min for any loss (val_loss, val_loss_fixed), max for accuracy/Dice/IoU-like
 
 
 @dataclass

@@ -131,7 +131,8 @@ def test_engine_trains_unet_and_ema_survives_resume(phantom_root, tmp_path):
     assert set(metrics["balancer"]) == {"tumor", "subtype", "recon"}
     # EMA balancing moves val_loss's weights: the best epoch is chosen by the fixed-weight sum
     state = json.loads((run_dir / "phase3" / "state.json").read_text())
-    assert state["monitor"] == "val_loss_fixed" and state["best"] == pytest.approx(metrics["val"]["loss_fixed"])
+    assert state["monitor"] == "val_loss_fixed" and state["mode"] == "min"
+    assert state["best"] == pytest.approx(metrics["val"]["loss_fixed"])
     first = load_checkpoint(run_dir / "phase3" / "checkpoints" / "last.keras")
     assert float(first.balancer.ema_steps.numpy()) == 2.0
     # a kill after epoch 1, then resume to 2 epochs: the running means continue, not reset
