@@ -99,6 +99,9 @@ def train(recipe: str, overrides: list, budget: str, output_root: Path, tag: str
 
 def evaluate(run: Path, split: str, extra=()) -> dict:
     out_dir = run / ("eval_" + split + "".join("_" + e.replace("=", "-") for e in extra))
+    done = out_dir / "metrics.json"
+    if done.is_file() and done.stat().st_mtime > max(p.stat().st_mtime for p in run.rglob("*.keras")):
+        return json.loads(done.read_text())  # evaluated already (a re-read of a finished run)
     _run([PY, "-m", "src.evaluate", f"checkpoint={run}", f"split={split}", f"out={out_dir}", "tracking=none",
           *extra], run / f"evaluate_{split}.log")
     return json.loads((out_dir / "metrics.json").read_text())
