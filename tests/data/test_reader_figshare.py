@@ -426,3 +426,12 @@ def test_real_third_party_boxes_agree_roughly(real):
     area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
     iou = inter / (area(a) + area(b) - inter)
     assert 0.85 < iou.mean() < 0.97  # README: about 0.92
+
+
+def test_intensity_range_is_two_ordered_percentiles():
+    from src.data.readers.figshare import percentile_range
+
+    assert percentile_range((0.5, 99.5), "figshare") == (0.5, 99.5)
+    for bad in ((99, 1), (0, 101), "x", None, (1,)):
+        with pytest.raises(DataError, match="figshare reader: intensity_range must be two percentiles"):
+            percentile_range(bad, "figshare")

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..base import Reader
 from ..records import NO_TUMOR, TUMOR, DataError, Record, _norm
-from .figshare import FigshareReader, _dir_writable, _Failure, _write_png, mask_box
+from .figshare import FigshareReader, _dir_writable, _Failure, _write_png, mask_box, percentile_range
 
 log = logging.getLogger(__name__)
 
@@ -342,15 +342,7 @@ class VolumeReader(Reader):
         if not 0 <= self.min_foreground < 1:
             raise DataError(f"{self.name} reader: min_foreground must be a fraction in [0, 1), "
                             f"got {o.get('min_foreground')!r}")
-        rng = o.get("intensity_range", (0.5, 99.5))
-        try:
-            lo, hi = (float(v) for v in rng)
-        except (TypeError, ValueError):
-            lo, hi = -1.0, -1.0
-        if not 0 <= lo < hi <= 100:
-            raise DataError(f"{self.name} reader: intensity_range must be two percentiles 0 <= lo < hi <= 100, "
-                            f"got {rng!r}")
-        self.intensity_range = (lo, hi)
+        self.intensity_range = percentile_range(o.get("intensity_range", (0.5, 99.5)), self.name)
         self.fixed_label = self.class_map.canonical(o["label"], where="data.options.label") if o.get("label") else None
         self.labels_option = o.get("labels")
         self.cache_dir_option = o.get("cache_dir")

@@ -145,6 +145,19 @@ def to_uint8(image: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def percentile_range(value, reader: str) -> tuple[float, float]:
+    """``(lo, hi)`` intensity percentiles from ``data.options.intensity_range``; a
+    :class:`DataError` naming the reader otherwise."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        lo, hi = -1.0, -1.0
+    if not 0 <= lo < hi <= 100:
+        raise DataError(f"{reader} reader: intensity_range must be two percentiles 0 <= lo < hi <= 100, "
+                        f"got {value!r}")
+    return lo, hi
+
+
 def _dir_writable(path: Path) -> bool:
     """True when a cache folder can be created inside ``path``."""
     if not os.access(path, os.W_OK | os.X_OK):
@@ -279,15 +292,7 @@ class FigshareReader(Reader):
             raise DataError(f"figshare reader: group_block must be a positive integer, "
                             f"got {options.get('group_block')!r}")
         self.workers = max(1, int(options.get("workers") or min(16, 4 * (os.cpu_count() or 1))))
-        rng = options.get("intensity_range", (0.5, 99.5))
-        try:
-            lo, hi = (float(v) for v in rng)
-        except (TypeError, ValueError):
-            lo, hi = -1.0, -1.0
-        if not 0 <= lo < hi <= 100:
-            raise DataError(f"figshare reader: intensity_range must be two percentiles 0 <= lo < hi <= 100, "
-                            f"got {rng!r}")
-        self.intensity_range = (lo, hi)
+        self.intensity_range = percentile_range(options.get("intensity_range", (0.5, 99.5)), "figshare")
         self.cache_dir_option = options.get("cache_dir")
         self.layout: Optional[str] = None
 
