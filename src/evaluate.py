@@ -105,6 +105,23 @@ def _use_input_size(data_cfg: dict, network) -> None:
         data_cfg["image_size"] = list(in_shape)
 
 
+def _thresholds(cfg, model_cfg) -> tuple[float, float]:
+    """``(class threshold, mask threshold)``: the command's, else the run's model config's."""
+    threshold = cfg.get("threshold")
+    if threshold is None:
+        threshold = model_cfg.get("threshold", 0.5) or 0.5
+    return float(threshold), float(cfg.get("mask_threshold", 0.5))
+
+
+def _out_dir(cfg, run_dir, split: str) -> Path:
+    """``out=``, else ``<run>/eval_<split>``, else a timestamped folder under the output root."""
+    if cfg.get("out"):
+        return Path(cfg.out)
+    if run_dir is not None:
+        return run_dir / f"eval_{split}"
+    return Path(cfg.paths.output_root) / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def run(cfg, args: Sequence[str] = ()) -> dict:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns a summary dict."""
     from .data.pipeline import build_dataset
@@ -133,11 +150,7 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     _use_input_size(data_cfg, loaded.network)
     if cfg.get("batch_size"):
         data_cfg["batch_size"] = int(cfg.batch_size)
-    threshold = cfg.get("threshold")
-    if threshold is None:
-        threshold = settings["model"].get("threshold", 0.5) or 0.5
-    threshold = float(threshold)
-    mask_threshold = float(cfg.get("mask_threshold", 0.5))
+    threshold, mask_threshold = _thresholds(cfg, settings["model"])
     min_area = int(cfg.get("boxes_min_area") or 0)
     # a mask model without a box head: boxes read off its masks are scored like a detector's
     mask_boxes = box_mode is not None and "mask" in heads and "boxes" not in heads
@@ -173,9 +186,7 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
                              n_bins=int(cfg.get("calibration_bins", 15)), boxes_known=boxes_known,
                              mask_boxes=(box_mode, min_area, mask_threshold) if mask_boxes else None)
 
-    out_dir = Path(cfg.out) if cfg.get("out") else (
-        run_dir / f"eval_{split}" if run_dir is not None else
-        Path(cfg.paths.output_root) / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    out_dir = _out_dir(cfg, run_dir, split)
     doc = {"checkpoint": str(ckpt), "run_dir": str(run_dir) if run_dir else None,
            "model": loaded.run.info.get("model", loaded.model.name),
            "data": bundle.name, "data_root": bundle.root, "split": split, "n_images": len(records),
