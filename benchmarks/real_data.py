@@ -215,6 +215,8 @@ def write_readme(md: str, marker: str = "results") -> None:
 
 def cmd_table(args) -> None:
     runs = dict(r.split("=", 1) for r in args.runs)
+    asked = [item.partition(":")[0] for item in args.recipes]
+    kept = _kept_rows("real_data", asked) if args.keep else []
     rows = []
     for item in args.recipes:
         recipe, _, budget = item.partition(":")  # recipe[:budget], e.g. figshare_unet:15m
@@ -225,7 +227,8 @@ def cmd_table(args) -> None:
         run = Path(runs[recipe]) if recipe in runs else train(recipe, RECIPES[recipe][2], budget,
                                                               Path(args.output_root), recipe)
         rows.append(row_from(recipe, run, budget, load))
-        _save(rows, "real_data")
+        _save(_ordered(kept + rows), "real_data")
+    rows = _ordered(kept + rows)
     md = markdown(rows)
     (RESULTS / "real_data.md").write_text(md)
     print(md)
@@ -256,6 +259,19 @@ def cmd_ablate(args) -> None:
     print(md)
     if args.readme:
         write_readme(md, "ablations")
+
+
+def _kept_rows(name: str, replaced: list) -> list:
+    """Rows of an earlier ``name``.json whose recipe is not re-run now (``--keep``)."""
+    f = RESULTS / f"{name}.json"
+    if not f.is_file():
+        return []
+    return [r for r in json.loads(f.read_text()).get("rows", []) if r.get("recipe") not in replaced]
+
+
+def _ordered(rows: list) -> list:
+    order = list(RECIPES)
+    return sorted(rows, key=lambda r: order.index(r["recipe"]) if r.get("recipe") in order else len(order))
 
 
 def _split_summary(m: dict) -> dict:
@@ -290,6 +306,8 @@ def main() -> None:
     t = sub.add_parser("table")
     t.add_argument("--recipes", nargs="+", default=["figshare_joint", "figshare_detector", "figshare_unet",
                                                      "kaggle_classifier"])
+    t.add_argument("--keep", action="store_true",
+                   help="keep the rows of the other recipes from the existing real_data.json (re-run only these)")
     a = sub.add_parser("ablate")
     a.add_argument("--recipe", default="figshare_joint")
     a.add_argument("--switches", nargs="+", default=list(SWITCHES))

@@ -59,3 +59,23 @@ def test_bad_configs():
         create_model("unet", backbone="resnet18", image_size=SIZE, heads=["boxes"])
     with pytest.raises(ValueError, match="5 values"):
         create_model("unet", backbone="resnet18", image_size=SIZE, decoder_channels=[8, 8])
+
+
+@pytest.mark.parametrize("backbone, p4, p2", [("resnet34", 256, 64), ("resnext50", 1024, 256), ("swin_tiny", 384, 96)])
+def test_the_other_pyramids_as_encoders(backbone, p4, p2):
+    """Every backbone with levels P2-P5 is an encoder: the decoder reads each of its levels and
+    one eager step trains the decoder and the encoder's last stage."""
+    keras.utils.set_random_seed(0)
+    net = create_model("unet", backbone=backbone, image_size=SIZE, num_classes=3, heads=["mask"],
+                       decoder_channels=[16, 8, 8, 8, 8])
+    assert net.get_layer("decoder1_cat").output.shape[-1] == net.get_layer("backbone").feature_channels["P5"] + p4
+    assert net.get_layer("decoder3_cat").output.shape[1:] == (SIZE // 4, SIZE // 4, 8 + p2)
+    bb = net.get_layer("backbone")
+    set_trainable(bb, {"from_stage": bb.stage_names[-1]})
+    dec = net.get_layer("decoder5_conv1").kernel
+    dec_before = np.asarray(dec).copy()
+    net.compile(optimizer=keras.optimizers.SGD(0.1), loss={"mask": "binary_crossentropy"}, run_eagerly=True)
+    x = np.random.default_rng(1).random((2, SIZE, SIZE, 3), dtype=np.float32)
+    logs = net.train_on_batch(x, {"mask": (x[..., :1] > 0.5).astype(np.float32)}, return_dict=True)
+    assert np.isfinite(logs["loss"])
+    assert np.abs(np.asarray(dec) - dec_before).max() > 0
