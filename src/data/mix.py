@@ -76,7 +76,7 @@ from .dedup.edges import KINDS, find_edges, split_key, split_name, split_pair_na
 from .dedup.hashing import raise_or_drop
 from .dedup.resolve import HASH_SIZE, HELD_OUT, DuplicateSettings
 from .dedup.search import UnionFind
-from .records import NO_TUMOR, TUMOR, DataError, Record
+from .records import NO_TUMOR, TUMOR, DataError, Record, pseudo_counts
 from .splits import assign_splits, split_summary
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,9 @@ def is_mix(data_cfg) -> bool:
 
 def parse_sources(data_cfg) -> list[Source]:
     """``data.sources`` checked: a non-empty list of mappings with unique names, a reader and
-    a root each, known keys only (a misspelt key is named with its closest allowed one) and
-    weights >= 0 (at least one > 0)."""
+    a root each (or a ``manifest``, e.g. the CAM pseudo masks of ``src.explain
+    what=pseudo_masks``, read instead), known keys only (a misspelt key is named with its
+    closest allowed one) and weights >= 0 (at least one > 0)."""
     from .dataset import _get
 
     raw = _plain(_get(data_cfg, "sources"))
@@ -137,9 +138,10 @@ def parse_sources(data_cfg) -> list[Source]:
         if name in seen:
             raise DataError(f"data.sources: the name {name!r} is used twice; give each source its own name")
         seen.add(name)
-        for key in ("reader", "root"):
-            if entry.get(key) in (None, "", "???") and not (key == "root" and entry.get("manifest")):
-                raise DataError(f"data.sources[{k}] ({name}) has no {key}")
+        if not entry.get("manifest"):  # a manifest (e.g. CAM pseudo masks) is read instead of a reader
+            for key in ("reader", "root"):
+                if entry.get(key) in (None, "", "???"):
+                    raise DataError(f"data.sources[{k}] ({name}) has no {key} (nor a manifest)")
         try:
             weight = float(entry.get("weight", 1.0))
         except (TypeError, ValueError):
@@ -334,6 +336,8 @@ def read_sources(sources: Sequence[Source], cache_dir: Optional[str]) -> tuple[l
         per_source[s.name] = {"reader": s.cfg.get("reader"), "root": b.root, "weight": s.weight,
                               "read": len(b.records), "own_splits": any(r.split for r in b.records),
                               "skipped": b.skipped.summary(3)}
+        if s.cfg.get("manifest"):
+            per_source[s.name]["manifest"] = str(s.cfg["manifest"])
         if b.duplicates is not None:
             per_source[s.name]["duplicates"] = b.duplicates
         records.extend(b.records)
@@ -396,6 +400,9 @@ def load_mix(data_cfg, cache_dir: Optional[str] = None, assign: bool = True):
     for s in sources:
         recs = [r for r in records if r.source == s.name]
         per_source[s.name].update(images=len(recs), splits=split_summary(recs) if recs else {})
+        pseudo = pseudo_counts(recs)
+        if pseudo:
+            per_source[s.name]["pseudo"] = pseudo  # model-made targets (a pseudo-mask manifest), counted apart
     _log(name, summary)
     bundle = DataBundle(name=name, records=records, class_map=class_map, skipped=skipped,
                         root="; ".join(f"{k}={v['root']}" for k, v in per_source.items()))

@@ -14,7 +14,7 @@ import pytest
 from src.data.dataset import load_data
 from src.data.describe import describe
 from src.data.mix import validation_records
-from src.data.records import ClassMap, DataError, Record
+from src.data.records import ClassMap, DataError, Record, save_manifest
 from tests.conftest import need_dataset
 from tests.data.fixtures_images import save, slice_image
 
@@ -179,6 +179,57 @@ def test_engine_validates_a_single_source_baseline_on_that_source(tmp_path):
         summary = json.loads(s.run.data_summary.read_text())
         assert summary["val_sources"]["sources"] == (["a"] if mode == "trained" else ["a", "b"])
         assert sum(summary["val_sources"]["val_records"].values()) == n
+
+
+# ---- a pseudo-mask manifest (src.explain what=pseudo_masks) as a mix source ---------------------
+def _pseudo_manifest(tmp_path, n: int = 6):
+    """A tiny manifest as ``src.explain what=pseudo_masks`` writes it: ``n`` glioma slices with a
+    model-made (pseudo) mask and box, and two healthy slices with a known-empty (true) mask."""
+    recs = []
+    for k in range(n):
+        img = save(tmp_path / "pm" / f"s{k:02d}.png", slice_image(500 + k))
+        truth = np.zeros((64, 64), np.uint8)
+        truth[10 + k:30 + k, 20:40] = 255
+        mask = save(tmp_path / "pm" / "masks" / f"s{k:02d}.png", truth)
+        recs.append(Record(str(img), label="glioma", mask=str(mask), boxes=[[20 / 64, (10 + k) / 64, 40 / 64,
+                                                                         (30 + k) / 64]], box_classes=["glioma"],
+                           split="train", group=f"g{k}", known={"label": True, "boxes": True, "mask": True},
+                           pseudo={"mask": True, "boxes": True}))
+    for k in range(2):
+        img = save(tmp_path / "pm" / f"h{k:02d}.png", slice_image(600 + k))
+        recs.append(Record(str(img), label="no_tumor", split="train", group=f"h{k}",
+                           known={"label": True, "boxes": True, "mask": True}))
+    return save_manifest(recs, tmp_path / "pm" / "manifest.jsonl")
+
+
+def test_pseudo_mask_manifest_as_a_mix_source(tmp_path):
+    from src.data.pipeline import build_dataset
+
+    _, b = _sources(tmp_path, shared=0)
+    manifest = _pseudo_manifest(tmp_path)
+    cfg = {"name": "mix", "duplicates_hamming": None, "split": {"seed": 3, "val_fraction": 0.25},
+           "sources": [{"name": "b", "reader": "folder", "root": str(b), "weight": 1.0},
+                       {"name": "kaggle_pseudo", "manifest": str(manifest), "weight": 1.0}]}  # no reader needed
+    bundle = load_data(cfg, cache_dir=str(tmp_path / "cache"))
+    recs = [r for r in bundle.records if r.source == "kaggle_pseudo"]
+    assert len(recs) == 8 and sum(r.is_pseudo("mask") and r.is_pseudo("boxes") for r in recs) == 6
+    assert all(r.known["mask"] and (r.mask is not None) == (r.label == "glioma") for r in recs)
+    assert not any(r.is_pseudo("mask") for r in bundle.records if r.source == "b")
+    assert {r.split for r in recs} <= {"train", "val"}  # the manifest's own splits: train, validation carved
+    summary = json.loads(json.dumps(bundle.summary()))
+    assert summary["pseudo"]["mask"]["total"] == 6
+    assert summary["sources"]["kaggle_pseudo"]["pseudo"]["mask"]["total"] == 6
+    assert summary["sources"]["kaggle_pseudo"]["manifest"] == str(manifest) and "pseudo" not in summary["sources"]["b"]
+    per_split = describe(bundle)["per_source"]["kaggle_pseudo"]["splits"]
+    assert sum(s["pseudo_masks"] for s in per_split.values()) == 6 and sum(s["masks"] for s in per_split.values()) == 0
+    # encoded: a pseudo mask weighs data.pseudo_weight, a true (known-empty) one 1, an unknown one 0
+    data = {"image_size": 16, "batch_size": 64, "augment": None, "cache": False, "xla": False, "pseudo_weight": 0.3,
+            "sources": cfg["sources"]}
+    _, _, w = next(iter(build_dataset(bundle.records, bundle.class_map, data, training=False,
+                                      heads=["class", "mask"])))
+    want = [0.3 if r.is_pseudo("mask") else 1.0 if r.known["mask"] else 0.0 for r in bundle.records]
+    np.testing.assert_allclose(w["mask"].numpy(), want, atol=1e-6)
+    assert sorted(set(want)) == [0.0, 0.3, 1.0]  # all three kinds are in the batch
 
 
 # ---- sampling by source weight ----------------------------------------------------------------
