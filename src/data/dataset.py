@@ -33,6 +33,7 @@ class DataBundle:
     duplicates: Optional[dict] = None  # what data.duplicates did (None with keep)
     sources: Optional[dict] = None  # a mix (data.sources): per source its reader, root, weight, counts
     hygiene: Optional[dict] = None  # a mix: what the cross-source split hygiene did (src.data.mix)
+    val_sources: Optional[dict] = None  # a mix in training: the sources training validates on (data.val_sources)
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
@@ -48,6 +49,8 @@ class DataBundle:
         if self.sources is not None:
             out["sources"] = self.sources
             out["hygiene"] = self.hygiene
+        if self.val_sources is not None:
+            out["val_sources"] = self.val_sources
         return out
 
     def source_names(self) -> list[str]:

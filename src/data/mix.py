@@ -42,6 +42,21 @@ into cross-source groups (union-find). Then:
 What was done is ``hygiene`` in the bundle summary (``data_summary.json``): pairs and groups
 by kind and by source pair, conflicts, dropped / moved records, and ``cross_splits_after``
 (cross-source groups still in several splits: 0 unless hygiene is off).
+
+Validation during training (``data.val_sources``)
+-------------------------------------------------
+The splits are made on every source (above), and ``src.evaluate`` reports each source's
+part of a split on its own. The validation set that *training* watches (``val_loss``, the
+validation metrics, ``best.keras``, early stopping, LR on plateau) is
+:func:`validation_records`:
+
+``trained`` (default)  only the validation records of the sources that train (weight > 0):
+                       a figshare-only baseline (the other weights 0) selects its epoch on
+                       figshare, not on Kaggle / Br35H images it never learns from.
+``all``                the whole validation split, every source.
+
+The decision (mode, the sources that validate and their validation records, the ones left
+out) is logged and kept as ``val_sources`` in ``data_summary.json``.
 """
 from __future__ import annotations
 
@@ -61,12 +76,14 @@ from .dedup.edges import KINDS, find_edges, split_key, split_name, split_pair_na
 from .dedup.hashing import raise_or_drop
 from .dedup.resolve import HASH_SIZE, HELD_OUT, DuplicateSettings
 from .dedup.search import UnionFind
-from .records import NO_TUMOR, TUMOR, DataError, Record
+from .records import NO_TUMOR, TUMOR, DataError, Record, pseudo_counts
 from .splits import assign_splits, split_summary
 
 log = logging.getLogger(__name__)
 
 HYGIENE = ("group", "drop", "off")
+#: ``data.val_sources``: the validation records training selects on (the module docstring)
+VAL_SOURCES = ("trained", "all")
 #: keys a source entry may set (the rest of a data config is the mix's)
 SOURCE_KEYS = ("name", "reader", "root", "options", "weight", "group_regex", "duplicates", "duplicates_hamming",
                "duplicates_flips", "split", "manifest", "on_error")
@@ -98,8 +115,9 @@ def is_mix(data_cfg) -> bool:
 
 def parse_sources(data_cfg) -> list[Source]:
     """``data.sources`` checked: a non-empty list of mappings with unique names, a reader and
-    a root each, known keys only (a misspelt key is named with its closest allowed one) and
-    weights >= 0 (at least one > 0)."""
+    a root each (or a ``manifest``, e.g. the CAM pseudo masks of ``src.explain
+    what=pseudo_masks``, read instead), known keys only (a misspelt key is named with its
+    closest allowed one) and weights >= 0 (at least one > 0)."""
     from .dataset import _get
 
     raw = _plain(_get(data_cfg, "sources"))
@@ -120,9 +138,10 @@ def parse_sources(data_cfg) -> list[Source]:
         if name in seen:
             raise DataError(f"data.sources: the name {name!r} is used twice; give each source its own name")
         seen.add(name)
-        for key in ("reader", "root"):
-            if entry.get(key) in (None, "", "???") and not (key == "root" and entry.get("manifest")):
-                raise DataError(f"data.sources[{k}] ({name}) has no {key}")
+        if not entry.get("manifest"):  # a manifest (e.g. CAM pseudo masks) is read instead of a reader
+            for key in ("reader", "root"):
+                if entry.get(key) in (None, "", "???"):
+                    raise DataError(f"data.sources[{k}] ({name}) has no {key} (nor a manifest)")
         try:
             weight = float(entry.get("weight", 1.0))
         except (TypeError, ValueError):
@@ -317,6 +336,8 @@ def read_sources(sources: Sequence[Source], cache_dir: Optional[str]) -> tuple[l
         per_source[s.name] = {"reader": s.cfg.get("reader"), "root": b.root, "weight": s.weight,
                               "read": len(b.records), "own_splits": any(r.split for r in b.records),
                               "skipped": b.skipped.summary(3)}
+        if s.cfg.get("manifest"):
+            per_source[s.name]["manifest"] = str(s.cfg["manifest"])
         if b.duplicates is not None:
             per_source[s.name]["duplicates"] = b.duplicates
         records.extend(b.records)
@@ -331,6 +352,7 @@ def load_mix(data_cfg, cache_dir: Optional[str] = None, assign: bool = True):
     class_map = make_class_map(data_cfg)
     sources = parse_sources(data_cfg)
     hyg = HygieneSettings.from_cfg(data_cfg)
+    val_sources_mode(data_cfg)  # a bad value fails before any reading
     name = str(_get(data_cfg, "name", "mix"))
     on_error = _get(data_cfg, "on_error", "raise")
     order = [s.name for s in sources]
@@ -378,6 +400,9 @@ def load_mix(data_cfg, cache_dir: Optional[str] = None, assign: bool = True):
     for s in sources:
         recs = [r for r in records if r.source == s.name]
         per_source[s.name].update(images=len(recs), splits=split_summary(recs) if recs else {})
+        pseudo = pseudo_counts(recs)
+        if pseudo:
+            per_source[s.name]["pseudo"] = pseudo  # model-made targets (a pseudo-mask manifest), counted apart
     _log(name, summary)
     bundle = DataBundle(name=name, records=records, class_map=class_map, skipped=skipped,
                         root="; ".join(f"{k}={v['root']}" for k, v in per_source.items()))
@@ -407,3 +432,41 @@ def _log(name: str, s: dict) -> None:
     if after and after["groups"] and s["mode"] != "off":
         log.warning("%s: %d cross-source duplicate groups still in several splits: %s", name, after["groups"],
                     after["by_split_pair"])
+
+
+# ---- validation during training ----------------------------------------------------------------
+def val_sources_mode(data_cfg) -> str:
+    """``data.val_sources`` checked: ``trained`` (the default, also for null) or ``all``."""
+    from .dataset import _get
+
+    mode = str(_get(data_cfg, "val_sources", "trained") or "trained").strip().lower()
+    if mode not in VAL_SOURCES:
+        raise DataError(f"data.val_sources must be one of {list(VAL_SOURCES)}, got {mode!r}")
+    return mode
+
+
+def validation_records(bundle, data_cfg) -> list[Record]:
+    """The validation records training selects on (see the module docstring): the ``val``
+    split, of a mix with ``data.val_sources=trained`` only the records of sources with a
+    weight > 0. The decision is logged and kept in ``bundle.val_sources`` (the bundle
+    summary: ``data_summary.json``). A mix whose training sources have no validation record
+    is refused (:class:`~src.data.records.DataError`), naming ``data.val_sources=all``."""
+    mode = val_sources_mode(data_cfg)
+    val = bundle.split("val")
+    if not bundle.sources:
+        return val
+    weights = {name: float(info.get("weight", 1.0)) for name, info in bundle.sources.items()}
+    chosen = [name for name, w in weights.items() if mode == "all" or w > 0]
+    counts = collections.Counter(r.source for r in val)
+    kept = [r for r in val if r.source in set(chosen)]
+    bundle.val_sources = {"mode": mode, "sources": chosen,
+                          "val_records": {name: counts.get(name, 0) for name in chosen},
+                          "left_out": {name: counts.get(name, 0) for name in weights if name not in chosen}}
+    log.info("%s: validation during training (data.val_sources=%s) on %s; left out: %s", bundle.name, mode,
+             ", ".join(f"{n} ({c} val records)" for n, c in bundle.val_sources["val_records"].items()),
+             ", ".join(f"{n} (weight 0, {c} val records)" for n, c in bundle.val_sources["left_out"].items())
+             or "none")
+    if val and not kept:
+        raise DataError(f"data.val_sources={mode}: the sources that train ({', '.join(chosen)}) have no validation "
+                        f"record; the validation split holds only {dict(counts)}: set data.val_sources=all")
+    return kept

@@ -16,6 +16,11 @@ phase's metrics, ``run_info.json`` what the run was. ``trainer.resume=true`` con
 same model and data: finished phases are skipped, the interrupted one continues from its
 ``last.keras`` at the saved epoch.
 
+Validation (``val_loss``, ``best.keras``, early stopping, LR on plateau) is the ``val`` split;
+of a mix, only the sources that train (``data.val_sources=trained``, the default:
+:func:`src.data.mix.validation_records`; ``all`` for every source), as ``data_summary.json``
+(``val_sources``) and the log say.
+
 The run is a few small steps: :func:`start_session` (settings, runtime, data, the first
 model, datasets), :func:`initial_checkpoint`, then per phase :func:`plan_phase`,
 :func:`phase_model`, :func:`phase_callbacks`, ``fit``, :func:`evaluate_best` and
@@ -161,6 +166,7 @@ def start_session(cfg: DictConfig, run_dir: Path) -> Session:
     import keras
 
     from ..data.dataset import load_data
+    from ..data.mix import validation_records
     from ..runtime import tune_graph_optimizer
     from .precision import auto_depends_on_size, resolve_jit, set_precision
     from .strategy import describe_strategy, get_strategy
@@ -185,7 +191,8 @@ def start_session(cfg: DictConfig, run_dir: Path) -> Session:
     log.info("precision=%s jit_compile=%s strategy=%s", policy, s.jit, describe_strategy(s.strategy))
 
     s.bundle = load_data(cfg.data, cache_dir=cfg.paths.cache_dir)
-    s.train_recs, val_recs = s.bundle.split("train"), s.bundle.split("val")
+    # a mix validates on the sources that train (data.val_sources), the decision in data_summary.json
+    s.train_recs, val_recs = s.bundle.split("train"), validation_records(s.bundle, data_cfg)
     if not s.train_recs or not val_recs:
         raise ValueError(f"need train and val splits, got {len(s.train_recs)} train / {len(val_recs)} val records")
     # a fixed shuffle of validation, so a capped trainer.validation_steps sees every class,

@@ -13,7 +13,8 @@ import pytest
 
 from src.data.dataset import load_data
 from src.data.describe import describe
-from src.data.records import ClassMap, DataError, Record
+from src.data.mix import validation_records
+from src.data.records import ClassMap, DataError, Record, save_manifest
 from tests.conftest import need_dataset
 from tests.data.fixtures_images import save, slice_image
 
@@ -111,6 +112,124 @@ def test_bad_source_entries_are_one_line(tmp_path):
         load_data(bad)
     with pytest.raises(DataError, match="data.hygiene must be one of"):
         load_data(_cfg(a, b, hygiene="sometimes"))
+
+
+# ---- validation during training follows the sources that train (data.val_sources) ----------------
+def _a_only(a, b, **kw) -> dict:
+    """The mix of ``a`` and ``b`` with ``b``'s weight 0: an ``a``-only baseline."""
+    cfg = _cfg(a, b, **kw)
+    cfg["sources"][1]["weight"] = 0.0
+    return cfg
+
+
+def test_training_validates_only_on_sources_that_train(tmp_path):
+    a, b = _sources(tmp_path, shared=0)
+    cfg = _a_only(a, b)
+    bundle = load_data(cfg, cache_dir=str(tmp_path / "cache"))
+    whole = bundle.split("val")
+    n_b = sum(r.source == "b" for r in whole)
+    assert n_b > 0 and sum(r.source == "a" for r in whole) > 0  # the splits are made on every source
+    val = validation_records(bundle, cfg)
+    assert val == [r for r in whole if r.source == "a"]  # no record of the weight-0 source
+    assert bundle.split("val") == whole  # the split itself is untouched (src.evaluate reports b)
+    summary = json.loads(json.dumps(bundle.summary()))
+    assert summary["val_sources"] == {"mode": "trained", "sources": ["a"], "val_records": {"a": len(val)},
+                                      "left_out": {"b": n_b}}
+
+
+def test_val_sources_all_keeps_every_source(tmp_path):
+    a, b = _sources(tmp_path, shared=0)
+    cfg = _a_only(a, b, val_sources="all")
+    bundle = load_data(cfg, cache_dir=str(tmp_path / "cache"))
+    val = validation_records(bundle, cfg)
+    assert val == bundle.split("val") and {r.source for r in val} == {"a", "b"}
+    assert bundle.summary()["val_sources"]["sources"] == ["a", "b"] and bundle.summary()["val_sources"]["left_out"] == {}
+
+
+def test_bad_val_sources_is_refused_naming_the_values(tmp_path):
+    a, b = _sources(tmp_path, shared=0)
+    with pytest.raises(DataError, match=r"data.val_sources must be one of \['trained', 'all'\], got 'weighted'"):
+        load_data(_a_only(a, b, val_sources="weighted"))  # before any reading
+    cfg = _a_only(a, b)
+    bundle = load_data(cfg, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="data.val_sources must be one of"):
+        validation_records(bundle, {**cfg, "val_sources": "some"})
+
+
+def test_engine_validates_a_single_source_baseline_on_that_source(tmp_path):
+    """The engine's validation dataset (val_loss, best.keras, early stopping) and its
+    data_summary.json: the weight-0 source is left out; with val_sources=all it is in."""
+    from src.config import compose
+    from src.training.engine import start_session
+
+    a, b = _sources(tmp_path, shared=0)
+    for mode in ("trained", "all"):
+        cfg = compose(["data=mix", "data.image_size=32", "data.batch_size=4", "data.duplicates_hamming=null",
+                       "data.split.seed=3", f"data.val_sources={mode}", "model=small_cnn", "model.widths=[4,8]",
+                       "trainer.precision=float32", "trainer.verbose=0", "tracking=none",
+                       f"paths.output_root={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+        cfg.data.sources = [{"name": "a", "reader": "folder", "root": str(a), "weight": 1.0},
+                            {"name": "b", "reader": "folder", "root": str(b), "weight": 0.0}]
+        s = start_session(cfg, tmp_path / mode)
+        val = s.bundle.split("val")
+        want = [r for r in val if r.source == "a"] if mode == "trained" else val
+        assert sorted(r.image for r in s.val_recs) == sorted(r.image for r in want)
+        n = sum(int(x.shape[0]) for x, _, _ in s.val_ds)
+        assert n == len(want) and (n < len(val) if mode == "trained" else n == len(val))
+        summary = json.loads(s.run.data_summary.read_text())
+        assert summary["val_sources"]["sources"] == (["a"] if mode == "trained" else ["a", "b"])
+        assert sum(summary["val_sources"]["val_records"].values()) == n
+
+
+# ---- a pseudo-mask manifest (src.explain what=pseudo_masks) as a mix source ---------------------
+def _pseudo_manifest(tmp_path, n: int = 6):
+    """A tiny manifest as ``src.explain what=pseudo_masks`` writes it: ``n`` glioma slices with a
+    model-made (pseudo) mask and box, and two healthy slices with a known-empty (true) mask."""
+    recs = []
+    for k in range(n):
+        img = save(tmp_path / "pm" / f"s{k:02d}.png", slice_image(500 + k))
+        truth = np.zeros((64, 64), np.uint8)
+        truth[10 + k:30 + k, 20:40] = 255
+        mask = save(tmp_path / "pm" / "masks" / f"s{k:02d}.png", truth)
+        recs.append(Record(str(img), label="glioma", mask=str(mask), boxes=[[20 / 64, (10 + k) / 64, 40 / 64,
+                                                                         (30 + k) / 64]], box_classes=["glioma"],
+                           split="train", group=f"g{k}", known={"label": True, "boxes": True, "mask": True},
+                           pseudo={"mask": True, "boxes": True}))
+    for k in range(2):
+        img = save(tmp_path / "pm" / f"h{k:02d}.png", slice_image(600 + k))
+        recs.append(Record(str(img), label="no_tumor", split="train", group=f"h{k}",
+                           known={"label": True, "boxes": True, "mask": True}))
+    return save_manifest(recs, tmp_path / "pm" / "manifest.jsonl")
+
+
+def test_pseudo_mask_manifest_as_a_mix_source(tmp_path):
+    from src.data.pipeline import build_dataset
+
+    _, b = _sources(tmp_path, shared=0)
+    manifest = _pseudo_manifest(tmp_path)
+    cfg = {"name": "mix", "duplicates_hamming": None, "split": {"seed": 3, "val_fraction": 0.25},
+           "sources": [{"name": "b", "reader": "folder", "root": str(b), "weight": 1.0},
+                       {"name": "kaggle_pseudo", "manifest": str(manifest), "weight": 1.0}]}  # no reader needed
+    bundle = load_data(cfg, cache_dir=str(tmp_path / "cache"))
+    recs = [r for r in bundle.records if r.source == "kaggle_pseudo"]
+    assert len(recs) == 8 and sum(r.is_pseudo("mask") and r.is_pseudo("boxes") for r in recs) == 6
+    assert all(r.known["mask"] and (r.mask is not None) == (r.label == "glioma") for r in recs)
+    assert not any(r.is_pseudo("mask") for r in bundle.records if r.source == "b")
+    assert {r.split for r in recs} <= {"train", "val"}  # the manifest's own splits: train, validation carved
+    summary = json.loads(json.dumps(bundle.summary()))
+    assert summary["pseudo"]["mask"]["total"] == 6
+    assert summary["sources"]["kaggle_pseudo"]["pseudo"]["mask"]["total"] == 6
+    assert summary["sources"]["kaggle_pseudo"]["manifest"] == str(manifest) and "pseudo" not in summary["sources"]["b"]
+    per_split = describe(bundle)["per_source"]["kaggle_pseudo"]["splits"]
+    assert sum(s["pseudo_masks"] for s in per_split.values()) == 6 and sum(s["masks"] for s in per_split.values()) == 0
+    # encoded: a pseudo mask weighs data.pseudo_weight, a true (known-empty) one 1, an unknown one 0
+    data = {"image_size": 16, "batch_size": 64, "augment": None, "cache": False, "xla": False, "pseudo_weight": 0.3,
+            "sources": cfg["sources"]}
+    _, _, w = next(iter(build_dataset(bundle.records, bundle.class_map, data, training=False,
+                                      heads=["class", "mask"])))
+    want = [0.3 if r.is_pseudo("mask") else 1.0 if r.known["mask"] else 0.0 for r in bundle.records]
+    np.testing.assert_allclose(w["mask"].numpy(), want, atol=1e-6)
+    assert sorted(set(want)) == [0.0, 0.3, 1.0]  # all three kinds are in the batch
 
 
 # ---- sampling by source weight ----------------------------------------------------------------
