@@ -58,7 +58,9 @@ PROTOCOL = {
 SWITCHES = {
     "no_ema": (["trainer.ema_weights=false"], "weight EMA off"),
     "no_warmup": (["trainer.warmup_epochs=0"], "learning-rate warm-up off"),
-    "balanced": (["data.sampling=balanced"], "class-balanced sampling"),
+    # the recipe samples classes balanced since the 2026-12-07 ablation (its "balanced" arm, against the
+    # natural baseline then shipped): the switch now turns it back to natural frequencies
+    "natural": (["data.sampling=natural"], "natural sampling (class frequencies of the data)"),
     "label_smoothing": (["model.losses.class.label_smoothing=0.1"], "label smoothing 0.1"),
     "strong_aug": (["data.augment.rotate_deg=20", "data.augment.scale=0.2", "data.augment.shift=0.1",
                     "data.augment.brightness=0.2", "data.augment.contrast=0.2"], "stronger augmentation"),
@@ -238,16 +240,16 @@ def cmd_table(args) -> None:
 
 def cmd_ablate(args) -> None:
     runs = dict(r.split("=", 1) for r in args.runs)
-    base_over = RECIPES.get(args.recipe, ("", "", []))[2]
+    base_over = [*RECIPES.get(args.recipe, ("", "", []))[2], *args.overrides]
     rows = []
-    arms = [("recipe", [], "the recipe as shipped")] + [(k, v[0], v[1]) for k, v in SWITCHES.items()
+    arms = [("recipe", [], "baseline (the recipe" + (" with --overrides)" if args.overrides else ")"))] + [(k, v[0], v[1]) for k, v in SWITCHES.items()
                                                           if k in args.switches]
     for name, over, what in arms:
         load = os.getloadavg()
         run = Path(runs[name]) if name in runs else train(args.recipe, [*base_over, *over], args.budget,
                                                           Path(args.output_root) / "ablate", f"{args.recipe}-{name}")
         row = row_from(args.recipe, run, args.budget, load)
-        row.update(arm=name, change=what, overrides=over)
+        row.update(arm=name, change=what, overrides=over, base_overrides=list(args.overrides))
         rows.append(row)
         if name == "recipe":  # test-time augmentation needs no training: the recipe's run, flipped
             tta = dict(row, arm="tta_flip", change="test-time flip (evaluation only)", overrides=["tta=flip"],
@@ -311,6 +313,8 @@ def main() -> None:
     a = sub.add_parser("ablate")
     a.add_argument("--recipe", default="figshare_joint")
     a.add_argument("--switches", nargs="+", default=list(SWITCHES))
+    a.add_argument("--overrides", nargs="*", default=[],
+                   help="overrides every arm gets (e.g. the recipe as it was when the other arms ran)")
     for p in (t, a):
         p.add_argument("--budget", default="25m")
         p.add_argument("--output-root", default=str(ROOT / "outputs" / "real"))
