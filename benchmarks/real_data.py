@@ -242,7 +242,8 @@ def cmd_ablate(args) -> None:
     runs = dict(r.split("=", 1) for r in args.runs)
     base_over = [*RECIPES.get(args.recipe, ("", "", []))[2], *args.overrides]
     rows = []
-    arms = [("recipe", [], "baseline (the recipe" + (" with --overrides)" if args.overrides else ")"))] + [(k, v[0], v[1]) for k, v in SWITCHES.items()
+    base_name = "baseline (the recipe" + (" with --overrides)" if args.overrides else ")")
+    arms = [("recipe", [], base_name)] + [(k, v[0], v[1]) for k, v in SWITCHES.items()
                                                           if k in args.switches]
     for name, over, what in arms:
         load = os.getloadavg()
