@@ -24,7 +24,9 @@ For a run folder (or a checkpoint inside one) the run's saved ``config.yaml`` gi
 data settings unless ``data=...`` is passed (:func:`src.runs.settings_from_run`);
 ``data.<key>=...`` overrides still apply on top of it. The model's input size wins over
 ``data.image_size``. Samples whose target is unknown (sample weight 0) are left out of
-that head's metrics. The pipeline runs with ``training=False`` (no augmentation, no
+that head's metrics, and so are masks and boxes a model made (``record.pseudo``, e.g. CAM
+pseudo masks from ``src.explain what=pseudo_masks``): they are not ground truth
+(``pseudo_left_out`` in ``metrics.json`` counts them). The pipeline runs with ``training=False`` (no augmentation, no
 shuffling). The folder goes to ``<run>/eval_<split>`` (or
 ``<output_root>/evaluate/<timestamp>`` for a bare checkpoint) unless ``out=DIR``.
 
@@ -113,6 +115,11 @@ def _thresholds(cfg, model_cfg) -> tuple[float, float]:
     return float(threshold), float(cfg.get("mask_threshold", 0.5))
 
 
+def _pseudo_left_out(records) -> dict:
+    """Known targets a model made (``record.pseudo``), per target: not scored as ground truth."""
+    return {t: n for t in ("mask", "boxes") if (n := sum(r.is_pseudo(t) for r in records))}
+
+
 def _out_dir(cfg, run_dir, split: str) -> Path:
     """``out=``, else ``<run>/eval_<split>``, else a timestamped folder under the output root."""
     if cfg.get("out"):
@@ -163,8 +170,9 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     if "class" in targets and "tumor" not in targets and any(r.label == TUMOR and r.known.get("label")
                                                               for r in records) and TUMOR not in class_map.classes:
         targets.append("tumor")  # images whose only label is a generic tumour: tumour vs healthy from the class head
+    # model-made (pseudo) masks and boxes are not ground truth: weight 0, left out of the scores
     ds = build_dataset(records, class_map, {**data_cfg, "augment": None, "repeat": False, "cache": False,
-                                            "xla": False}, training=False, heads=targets)
+                                            "xla": False, "pseudo_weight": 0.0}, training=False, heads=targets)
     arrays = collect(loaded.network, ds, heads, tta=tta, desc=f"evaluate {split}", progress=cfg.get("progress", True),
                      steps=int(math.ceil(len(records) / int(data_cfg.get("batch_size", 32)))),
                      mask_threshold=mask_threshold, thumb=int(cfg.get("thumb_size", 128)),
@@ -175,7 +183,8 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
 
     meta = [{"path": r.image, "group": r.group if r.group is not None else "", "split": r.split, "tta": tta,
              **({"source": r.source} if bundle.sources else {})} for r in records]
-    boxes_known = [bool(r.known.get("boxes")) for r in records] if "boxes" in eval_heads else None
+    boxes_known = ([bool(r.known.get("boxes")) and not r.is_pseudo("boxes") for r in records]
+                   if "boxes" in eval_heads else None)
     metrics = compute_metrics(arrays, class_map, threshold, n_bins=int(cfg.get("calibration_bins", 15)),
                               boxes_known=boxes_known)
     if mask_boxes and not mark_mask_boxes(metrics, box_mode, min_area, mask_threshold):
@@ -193,6 +202,7 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
            "classes": list(class_map.classes), "evaluated_heads": eval_heads, "threshold": threshold,
            "mask_threshold": mask_threshold, "image_size": data_cfg["image_size"], "tta": tta,
            "boxes_from_mask": box_mode if mask_boxes else None, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "pseudo_left_out": _pseudo_left_out(records),
            **metrics}
     if sources:
         doc["sources"] = sources

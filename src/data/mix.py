@@ -359,7 +359,8 @@ def load_mix(data_cfg, cache_dir: Optional[str] = None, assign: bool = True):
     records, per_source, skipped = read_sources(sources, cache_dir)
     dup_dir = str(Path(cache_dir) / "duplicates") if cache_dir else None
     records, pairs, kinds, hinfo = cross_source_pairs(records, hyg, dup_dir, on_error, skipped)
-    fixed = [r.split for r in records]
+    keeps = {s.name: split_options(s.cfg)["use_existing"] for s in sources}
+    fixed = [r.split if keeps.get(r.source, True) else None for r in records]  # a source's own splits, if kept
     summary = {"mode": hyg.mode, "allow_overlap": hyg.allow_overlap, "hamming": hyg.hamming, "flips": hyg.flips,
                "order": order, **_pair_counts(records, pairs, kinds),
                "hashing": {k: hinfo[k] for k in ("images", "cached", "hashed", "seconds")}}

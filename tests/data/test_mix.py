@@ -115,6 +115,34 @@ def test_bad_source_entries_are_one_line(tmp_path):
 
 
 # ---- validation during training follows the sources that train (data.val_sources) ----------------
+def test_a_source_that_re_splits_does_not_hold_its_old_splits(tmp_path):
+    """A source with ``split.use_existing: false`` is split afresh: its folder's old
+    Testing split no longer pins its images (or their copies elsewhere) to test, and none of
+    its own images is dropped as a cross-split copy."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for k in range(16):
+        save(a / "Training" / "glioma" / f"g{k:02d}.png", slice_image(500 + k))
+        save(b / "meningioma" / f"m{k:02d}.png", slice_image(600 + k))
+    for k in range(8):
+        save(a / "Testing" / "glioma" / f"t{k:02d}.png", slice_image(700 + k))
+        (b / "glioma").mkdir(parents=True, exist_ok=True)
+        shutil.copy(a / "Testing" / "glioma" / f"t{k:02d}.png", b / "glioma" / f"bt{k:02d}.png")
+    cfg = _cfg(a, b, hygiene="group")
+    cfg["sources"][0]["split"] = {"use_existing": False}
+    bundle = load_data(cfg, cache_dir=str(tmp_path / "cache"))
+    h = bundle.hygiene
+    assert h["pairs"] == 8 and h["dropped"]["images"] == 0
+    assert collections.Counter(r.source for r in bundle.records) == {"a": 24, "b": 24}
+    old_test = {r.split for r in bundle.records if r.source == "a" and "/Testing/" in r.image}
+    assert "train" in old_test  # re-split: the old test images are spread like the rest
+    by_name = collections.defaultdict(set)
+    for r in bundle.records:
+        name = r.image.rsplit("/", 1)[-1]
+        if name.startswith(("t", "bt")):
+            by_name[name.lstrip("b")].add(r.split)
+    assert len(by_name) == 8 and all(len(v) == 1 for v in by_name.values())
+
+
 def _a_only(a, b, **kw) -> dict:
     """The mix of ``a`` and ``b`` with ``b``'s weight 0: an ``a``-only baseline."""
     cfg = _cfg(a, b, **kw)

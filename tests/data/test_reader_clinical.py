@@ -425,3 +425,38 @@ def test_nifti_nibabel_example_files_with_pairing_none(tmp_path):
     assert vols == {"anatomical.nii", "example4d.nii.gz"}
     assert all(r.label == "glioma" and not r.known["mask"] for r in recs)
     assert len({r.group for r in recs}) == 2
+
+
+def test_dicom_without_preamble_or_series_uid_is_still_read(tmp_path, caplog):
+    """Files of other people's making: a dataset written without preamble and file meta is
+    read (forced parse, checked for a SOP class); an image without SeriesInstanceUID is a
+    series of its own (warned); a text file that a forced parse would accept stays "not a
+    DICOM file"."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    f = get_testdata_file("MR_small.dcm")
+    if f is None:
+        pytest.skip("pydicom's MR_small.dcm is not installed")
+    d = tmp_path / "d"
+    d.mkdir()
+    raw = pydicom.dcmread(f)
+    raw.preamble = None
+    del raw.file_meta
+    raw.save_as(d / "raw.dcm", enforce_file_format=False)
+    assert not (d / "raw.dcm").read_bytes()[128:132] == b"DICM"
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(d / "raw.dcm")              # a plain read refuses it
+    lone = pydicom.dcmread(f)
+    del lone.SeriesInstanceUID
+    lone.PatientID = "someone-else"
+    lone.save_as(d / "lone.dcm")
+    (d / "notes.dat").write_text("not an image\n" * 20)
+    with caplog.at_level(logging.WARNING):
+        recs = _read("dicom", d, tmp_path, on_error="skip", min_foreground=0).read()
+    assert sorted(r.meta["file"] for r in recs) == ["lone.dcm", "raw.dcm"]
+    assert len({r.group for r in recs}) == 2 and all(r.group.startswith("pt-") for r in recs)
+    assert np.array_equal(*[_png(r.image) for r in recs])
+    assert "1 image file(s) without SeriesInstanceUID" in caplog.text and "someone-else" not in caplog.text
+    with pytest.raises(DataError, match=r"notes.dat: not a DICOM file"):
+        _read("dicom", d, tmp_path / "again").read()

@@ -449,3 +449,34 @@ def cv2_read(path):
     import cv2
 
     return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def test_pseudo_masks_are_not_scored_as_ground_truth(trained_mask_model, capsys, monkeypatch, tmp_path):
+    """Masks a model made (``record.pseudo``) are left out of the mask and box scores, and
+    counted in ``pseudo_left_out``; the class head still scores every image."""
+    from src.config import compose
+    from src.data.dataset import load_data
+    from src.data.records import save_manifest
+
+    root, run_dir, env = trained_mask_model
+    monkeypatch.setenv("BTMTL_OUTPUT_ROOT", env["BTMTL_OUTPUT_ROOT"])
+    phantom = compose(["data=phantom", f"data.root={root / 'phantom'}", "data.options.n_patients=12",
+                       "data.options.image_size=64"]).data
+    records = load_data(phantom).records
+    test = [r for r in records if r.split == "test" and r.known.get("mask")]
+    for r in test[::2]:
+        r.pseudo = {"mask": True}
+    n_pseudo = len(test[::2])
+    manifest = save_manifest(records, tmp_path / "pseudo.jsonl")
+    scores = {}
+    for name, extra in (("plain", []), ("pseudo", [f"data.manifest={manifest}"])):
+        out = tmp_path / name
+        assert main([f"checkpoint={run_dir}", "split=test", f"out={out}", *extra, "tracking=none", "progress=false",
+                     "gallery=0"]) == 0, capsys.readouterr().err
+        scores[name] = json.loads((out / "metrics.json").read_text())
+    plain, pseudo = scores["plain"], scores["pseudo"]
+    assert n_pseudo > 0 and plain["pseudo_left_out"] == {} and pseudo["pseudo_left_out"] == {"mask": n_pseudo}
+    assert pseudo["n_images"] == plain["n_images"] == pseudo["heads"]["class"]["n"]
+    assert pseudo["heads"]["mask"]["n"] == plain["heads"]["mask"]["n"] - n_pseudo
+    # the phantom's boxes are annotated, not model-made: the boxes read off the masks still score against all
+    assert pseudo["heads"]["boxes"]["n_boxes"] == plain["heads"]["boxes"]["n_boxes"] > 0

@@ -8,7 +8,8 @@ naming it (``data.on_error=skip`` skips and counts it). DICOM objects without pi
 Series
 ------
 Files are grouped into series by ``SeriesInstanceUID`` (several series in one folder, or
-one series over several folders, are both fine) and ordered along the slice normal
+one series over several folders, are both fine; an image file without one is a series of
+its own, with a warning) and ordered along the slice normal
 (``ImagePositionPatient`` projected on the cross product of ``ImageOrientationPatient``),
 else by ``InstanceNumber``. A series is an error naming its files when:
 
@@ -21,6 +22,9 @@ else by ``InstanceNumber``. A series is an error naming its files when:
   plugin: ``pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg``).
 
 A multi-frame file (``NumberOfFrames`` > 1) is a series of its own, its frames the slices.
+A file written without the 128-byte preamble and ``DICM`` prefix (old ACR-NEMA style
+exports, raw datasets) is read when a forced parse finds a SOP class or a modality; any
+other file is "not a DICOM file".
 
 Intensities
 -----------
@@ -107,6 +111,24 @@ def _first(v) -> Optional[float]:
         return None
 
 
+def _headerless(path):
+    """The dataset of a DICOM file written without preamble and file meta (ACR-NEMA style,
+    or a raw dataset), or None when the bytes do not parse as one: a forced read must find
+    a SOP class or a modality and at least a few elements, so a text or image file that
+    happens to parse is still "not a DICOM file"."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - not parseable at all
+        return None
+    try:
+        ok = len(ds) >= 4 and ("SOPClassUID" in ds or "Modality" in ds)
+    except Exception:  # noqa: BLE001 - garbage that parsed into broken elements
+        return None
+    return ds if ok else None
+
+
 def read_header(path) -> dict:
     """The header facts a series needs, identifiers hashed. :class:`~.clinical.Failure`
     naming the file for anything that is not a readable DICOM file."""
@@ -116,8 +138,10 @@ def read_header(path) -> dict:
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     except InvalidDicomError:
-        raise Failure(path, f"{path}: not a DICOM file (no DICOM header; leave such files out with "
-                            "data.options.ignore=[...] or move them)") from None
+        ds = _headerless(path)  # an old export without the 128-byte preamble and "DICM" prefix
+        if ds is None:
+            raise Failure(path, f"{path}: not a DICOM file (no DICOM header; leave such files out with "
+                                "data.options.ignore=[...] or move them)") from None
     except Exception as e:  # noqa: BLE001 - truncated or malformed file: one line naming it
         raise Failure(path, f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from None
     has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
@@ -191,12 +215,31 @@ def order_series(items: Sequence[tuple], gap_tolerance: float = 1.5) -> list:
     return ordered
 
 
+def _implied_transfer_syntax(ds) -> None:
+    """A dataset read without file meta (no preamble) has no Transfer Syntax UID, which the
+    pixel decoders need: the uncompressed one its encoding implies."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def _pixels(path) -> tuple[np.ndarray, object]:
     """Rescaled float32 pixels ``[frames, H, W]`` and the dataset of one file."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(str(path), force=True)  # headers were checked by read_header
+        _implied_transfer_syntax(ds)
         arr = np.asarray(ds.pixel_array)
     except Exception as e:  # noqa: BLE001 - a missing decoder, truncated pixel data ...
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) if "ds" in locals() else None
@@ -290,8 +333,9 @@ def scan_headers(files: Sequence[Path], fail, cached: Optional[dict] = None,
             continue
         try:
             h = read_header(p)
-            if h["pixels"] and not h["series"]:
-                raise Failure(p, f"{p}: DICOM image without SeriesInstanceUID (cannot tell its series)")
+            if h["pixels"] and not h["series"]:  # no series UID: the file is a series of its own
+                h["series"] = hash_id(f"file:{rel}", "series")
+                h["own_series"] = True
         except Failure as e:
             fail(e.path, e.message)
             continue
@@ -368,12 +412,13 @@ class DicomReader(VolumeReader):
         for i, e in zip(todo, converted):
             entries[i] = e
         self.finish_cache(cache, sum(e is not None for e in converted), "series")
-        records, no_patient = [], 0
+        records, no_patient, own = [], 0, 0
         for key, items, e in zip(keys, ordered, entries):
             if e is None:
                 continue
             h = items[0][1]
             no_patient += h["patient"] is None
+            own += bool(h.get("own_series"))
             files_of = e["files"]
             label = self._label_fn(table, h, files_of)
             try:
@@ -384,8 +429,11 @@ class DicomReader(VolumeReader):
             except Failure as f:
                 self.fail(f.path, f.message)
         if no_patient:
-            log.warning("dicom reader: %d series without PatientID: grouped by their (hashed) study instead",
-                        no_patient)
+            log.warning("dicom reader: %d series without PatientID: grouped by their (hashed) study instead "
+                        "(or by the file, without either)", no_patient)
+        if own:
+            log.warning("dicom reader: %d image file(s) without SeriesInstanceUID: each read as a series of its own",
+                        own)
         if table is not None:
             table.report_unused(table.kind)
         return records
