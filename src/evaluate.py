@@ -26,8 +26,8 @@ data settings unless ``data=...`` is passed (:func:`src.runs.settings_from_run`)
 ``data.image_size``. Samples whose target is unknown (sample weight 0) are left out of
 that head's metrics, and so are masks and boxes a model made (``record.pseudo``, e.g. CAM
 pseudo masks from ``src.explain what=pseudo_masks``): they are not ground truth
-(``pseudo_left_out`` in ``metrics.json`` counts them). The pipeline runs with ``training=False`` (no augmentation, no
-shuffling). The folder goes to ``<run>/eval_<split>`` (or
+(``pseudo_left_out`` in ``metrics.json`` counts them). The pipeline runs with
+``training=False`` (no augmentation, no shuffling). The folder goes to ``<run>/eval_<split>`` (or
 ``<output_root>/evaluate/<timestamp>`` for a bare checkpoint) unless ``out=DIR``.
 
 A mix (``data=mix``, ``data.sources``): the figures above are those of the whole split,
