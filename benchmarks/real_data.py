@@ -64,6 +64,9 @@ SWITCHES = {
     "label_smoothing": (["model.losses.class.label_smoothing=0.1"], "label smoothing 0.1"),
     "strong_aug": (["data.augment.rotate_deg=20", "data.augment.scale=0.2", "data.augment.shift=0.1",
                     "data.augment.brightness=0.2", "data.augment.contrast=0.2"], "stronger augmentation"),
+    # EfficientMTNet decides its mask at /8; these refine it with the early features (model docstring)
+    "detail4": (["model.detail_strides=[4]"], "mask decoder refined at /4"),
+    "detail42": (["model.detail_strides=[4,2]"], "mask decoder refined at /4 and /2"),
 }
 
 
@@ -245,6 +248,10 @@ def cmd_ablate(args) -> None:
     base_name = "baseline (the recipe" + (" with --overrides)" if args.overrides else ")")
     arms = [("recipe", [], base_name)] + [(k, v[0], v[1]) for k, v in SWITCHES.items()
                                                           if k in args.switches]
+    if args.append:  # add arms to the committed table: its baseline and other arms are kept as they are
+        rows = [r for r in json.loads((RESULTS / "ablations.json").read_text())["rows"]
+                if r["arm"] not in args.switches]
+        arms = [a for a in arms if a[0] in args.switches]
     for name, over, what in arms:
         load = os.getloadavg()
         run = Path(runs[name]) if name in runs else train(args.recipe, [*base_over, *over], args.budget,
@@ -314,6 +321,8 @@ def main() -> None:
     a = sub.add_parser("ablate")
     a.add_argument("--recipe", default="figshare_joint")
     a.add_argument("--switches", nargs="+", default=list(SWITCHES))
+    a.add_argument("--append", action="store_true",
+                   help="train only --switches and add them to the committed ablations.json (same --overrides)")
     a.add_argument("--overrides", nargs="*", default=[],
                    help="overrides every arm gets (e.g. the recipe as it was when the other arms ran)")
     for p in (t, a):

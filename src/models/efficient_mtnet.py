@@ -11,10 +11,17 @@ and "1.38M params") made correct and configurable::
                                   -> DSConv+SE -> global-context block            = high
     gated fusion:                 g = sigmoid(1x1(GAP([low', high'])));  g*low' + (1-g)*high'
                                   -> DSConv+SE
-    heads:  mask       DSConv+SE x2 -> dropout -> 1x1 -> resize to the input -> sigmoid
+    heads:  mask       DSConv+SE x2 [-> detail steps] -> dropout -> 1x1 -> resize to the input -> sigmoid
             class      global-context on f3 -> GAP -> 64 -> dropout -> classes -> softmax
             mask_aux1  on f1, mask_aux2 on f2 (deep supervision, training only): conv3x3 ->
                        dropout -> 1x1 -> resize -> sigmoid
+
+Detail steps (``detail_strides``, off in the published model): the mask head above decides
+at /8 (32 x 32 logits for a 256 px slice), so a tumour's edge is a bilinear guess between
+cells 8 px apart. Each listed stride (4, then 2) upsamples the decoder features to that
+stride, concatenates a 1x1 projection of the learning-to-downsample features there
+(48 ch at /4, 32 ch at /2) and mixes them with a DSConv+SE of ``detail_channels``: a
+DeepLabv3+-style refinement that costs a few percent of the network.
 
 The global-context block (``context``):
 
@@ -324,7 +331,7 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
                     ham_channels: int = 64, ham_rank: int = 16, ham_steps: int = 6, ham_eval_steps: int = 7,
                     ham_seed: int = 0, attention_channels: int = 32, class_hidden: int = 64,
                     dropout: float = 0.1, seg_dropout: float = 0.1, bn_momentum: float = 0.9,
-                    input_scaling: str = "tf") -> keras.Model:
+                    detail_strides=(), detail_channels: int = 48, input_scaling: str = "tf") -> keras.Model:
     """Build EfficientMTNet (see the module docstring).
 
     Args:
@@ -343,6 +350,9 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
         attention_channels: query/key/value width of ``attention``.
         class_hidden, dropout: class head (GAP -> class_hidden -> dropout -> classes).
         seg_dropout: dropout before the 1x1 classifiers of the mask heads.
+        detail_strides: strides (from 4 and 2, coarsest first) at which the mask decoder is
+            refined with the learning-to-downsample features (empty: published, /8 logits).
+        detail_channels: width of each detail step.
         input_scaling: in-model scaling of the [0, 1] input, a mode of
             :data:`src.models.layers.PREPROCESS_MODES` (``tf``: x*2-1).
     """
@@ -354,6 +364,9 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
             raise ValueError(f"context must be one of {CONTEXTS}, got {kind!r}")
     if not (len(widths) == len(strides) == len(blocks) == 3):
         raise ValueError("widths, strides and blocks need three entries (stages 1, 2, 3)")
+    detail_strides = sorted({int(v) for v in (detail_strides or ())}, reverse=True)
+    if set(detail_strides) - {4, 2}:
+        raise ValueError(f"detail_strides takes 4 and/or 2 (the learning-to-downsample strides), got {detail_strides}")
     m = float(bn_momentum)
     ctx_kw = dict(momentum=m, ham_channels=int(ham_channels), ham_rank=int(ham_rank), ham_steps=int(ham_steps),
                   ham_eval_steps=int(ham_eval_steps), ham_seed=int(ham_seed),
@@ -364,9 +377,9 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
 
     # learning to downsample (/8)
     c0, c1, c2 = (int(c) for c in ltd_channels)
-    x = conv_bn(x, c0, 3, 2, "ltd_stem", m)
-    x = dsconv_se(x, c1, 2, "ltd_ds1", m, se_ratio)
-    low = dsconv_se(x, c2, 2, "ltd_ds2", m, se_ratio)
+    x2 = conv_bn(x, c0, 3, 2, "ltd_stem", m)
+    x4 = dsconv_se(x2, c1, 2, "ltd_ds1", m, se_ratio)
+    low = dsconv_se(x4, c2, 2, "ltd_ds2", m, se_ratio)
 
     # global feature extractor
     feats = []
@@ -403,6 +416,12 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
         y = fused
         for i, w in enumerate(decoder_channels, start=1):
             y = dsconv_se(y, int(w), 1, f"mask_dec{i}", m, se_ratio)
+        for stride in detail_strides:  # DeepLabv3+-style refinement with the early, sharp features
+            skip = {4: x4, 2: x2}[stride]
+            y = ResizeTo(tuple(int(v) for v in skip.shape[1:3]), name=f"mask_detail{stride}_resize")(y)
+            s_ = conv_bn(skip, 32, 1, 1, f"mask_detail{stride}_skip", m)
+            y = layers.Concatenate(name=f"mask_detail{stride}_concat")([y, s_])
+            y = dsconv_se(y, int(detail_channels), 1, f"mask_detail{stride}", m, se_ratio)
         if seg_dropout:
             y = layers.Dropout(seg_dropout, name="mask_dropout")(y)
         y = layers.Conv2D(1, 1, name="mask_logits")(y)
