@@ -231,3 +231,33 @@ def test_config_builds_with_its_losses_and_published_weights():
     assert model._static_weights == {"class": 0.4, "mask": 0.6, "mask_aux1": 0.2, "mask_aux2": 0.2}
     assert model.head_losses["mask"].get_config()["include_background"] is False
     assert set(phase_table(cfg)) == {"1", "2", "3"}
+
+
+@pytest.mark.parametrize("strides,logit_size", [((), 4), ((4,), 8), ((2, 4), 16)])
+def test_detail_strides_decide_the_mask_at_a_finer_stride(strides, logit_size, tmp_path):
+    keras.utils.set_random_seed(0)
+    net = tiny(detail_strides=strides)   # 32 px input: /8 = 4, /4 = 8, /2 = 16
+    assert tuple(net.get_layer("mask_logits").output.shape[1:3]) == (logit_size, logit_size)
+    names = {layer.name for layer in net.layers}
+    for s in (4, 2):
+        assert (f"mask_detail{s}" + "_pw_conv" in names) == (s in strides)
+    if not strides:
+        return
+    # the detail step reads the early features: their gradient from the mask loss is not zero
+    x, y, w = data()
+    net.compile(optimizer="adam", loss={k: LOSSES[k] for k in net.output})
+    with tf.GradientTape() as tape:
+        pred = net(x, training=True)
+        loss = tf.reduce_mean(tf.square(pred["mask"] - y["mask"]))
+    skip = [v for v in net.trainable_weights if "mask_detail" in v.path]
+    grads = tape.gradient(loss, skip)
+    assert skip and all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+    net.save(tmp_path / "detail.keras")
+    back = keras.saving.load_model(tmp_path / "detail.keras")
+    np.testing.assert_allclose(net(x, training=False)["mask"].numpy(), back(x, training=False)["mask"].numpy(),
+                               atol=1e-6)
+
+
+def test_detail_strides_other_than_the_early_ones_are_refused():
+    with pytest.raises(ValueError, match="detail_strides takes 4 and/or 2"):
+        tiny(detail_strides=[8])
