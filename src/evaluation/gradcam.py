@@ -38,7 +38,10 @@ Scores (what is explained, per head output shape; logits are used where the head
 in a softmax/sigmoid ``Activation``, so saturated probabilities still give gradients):
 
 * ``[B, K]`` (class, multilabel, subtype): the logit of ``class_index`` (default: the
-  predicted class, the argmax).
+  predicted class, the argmax). With ``against=k`` instead: the log-odds of *any class
+  but k* against class ``k``, ``logsumexp(z_j, j != k) - z_k`` (a softmax head); with
+  ``k`` = ``no_tumor`` that is the tumour-vs-healthy decision, which looks at the lesion
+  where a subtype's own logit may look at where the lesion usually sits.
 * ``[B]`` / ``[B, 1]`` (tumor): the logit for ``class_index`` 1 (tumour), its negative
   for 0 (healthy); default the predicted one (``p >= 0.5``).
 * ``[B, K, 4]`` (boxes): the mean of the 4 coordinates of slot ``class_index`` (default
@@ -406,7 +409,7 @@ def logit_tensor(head_t):
 class CamResult:
     cams: np.ndarray          # [B, H, W] float32 in [0, 1] at the input size
     raw: np.ndarray           # [B, h, w] float32, the ReLU'd map at the feature resolution
-    class_index: np.ndarray   # [B] int: what was explained
+    class_index: np.ndarray   # [B] int: what was explained (-1: "not class k" against k, ``against=k``)
     outputs: dict             # {head: np.ndarray} model outputs for these images
     head: str
     layer: str
@@ -437,6 +440,21 @@ def _score(out, logit, idx, tf):
         fg = tf.where((n > 0)[:, None, None], fg, tf.ones_like(fg))
         return tf.reduce_sum(ch * fg, axis=[1, 2]) / tf.reduce_sum(fg, axis=[1, 2])
     raise GradCamError(f"cannot explain an output of rank {rank}")
+
+
+def _against_score(out, logit, k: int, tf):
+    """Per-image log-odds of "any class but ``k``" against class ``k`` of a ``[B, K]`` head:
+    ``logsumexp(z_j, j != k) - z_k`` on the logits, or ``log(1 - p_k) - log(p_k)`` when
+    only probabilities are reachable (the same number for a softmax)."""
+    if len(out.shape) != 2 or int(out.shape[-1]) < 2 or not 0 <= k < int(out.shape[-1]):
+        raise GradCamError(f"against={k}: needs a head of K >= 2 class outputs with 0 <= k < K; "
+                           f"output shape {tuple(out.shape)}")
+    if logit is not None:
+        z = tf.cast(logit, tf.float32)
+        others = tf.concat([z[:, :k], z[:, k + 1:]], axis=1)
+        return tf.reduce_logsumexp(others, axis=1) - z[:, k]
+    pk = tf.clip_by_value(tf.cast(out, tf.float32)[:, k], 1e-7, 1.0 - 1e-7)
+    return tf.math.log(1.0 - pk) - tf.math.log(pk)
 
 
 def _default_index(head, outs, tf):
@@ -481,10 +499,10 @@ class GradCAM:
             self._targets[head] = resolve_target(self.network, self.layer, head)
         return self._targets[head]
 
-    def _fn(self, head: str, method: str, explicit: bool):
+    def _fn(self, head: str, method: str, explicit: bool, against: Optional[int] = None):
         import tensorflow as tf
 
-        key = (head, method, explicit)
+        key = (head, method, explicit, against)
         if key in self._fns:
             return self._fns[key]
         target = self.target(head)
@@ -504,8 +522,12 @@ class GradCAM:
                 logit = kept.get(id(logit_t)) if logit_t is not None else None
                 if logit is not None:
                     logit = tf.reshape(tf.cast(logit, tf.float32), tf.shape(outs[head]))
-                cls = idx if explicit else _default_index(head, outs, tf)
-                score = tf.reduce_sum(_score(outs[head], logit, cls, tf))
+                if against is not None:
+                    cls = tf.fill(tf.shape(idx), -1)
+                    score = tf.reduce_sum(_against_score(outs[head], logit, against, tf))
+                else:
+                    cls = idx if explicit else _default_index(head, outs, tf)
+                    score = tf.reduce_sum(_score(outs[head], logit, cls, tf))
             a = tf.cast(feat, tf.float32)
             g = tf.cast(tape.gradient(score, feat), tf.float32)
             if target.grid is not None:  # ViT tokens: the patch tokens as their grid
@@ -525,7 +547,11 @@ class GradCAM:
         self._fns[key] = tf.function(fn, input_signature=spec) if self.graph else fn
         return self._fns[key]
 
-    def __call__(self, images, head: Optional[str] = None, class_index=None, method: str = "gradcam") -> CamResult:
+    def __call__(self, images, head: Optional[str] = None, class_index=None, method: str = "gradcam",
+                 against: Optional[int] = None) -> CamResult:
+        """CAMs of ``images`` for ``head``: of ``class_index`` (default: the prediction), or,
+        with ``against=k``, of the log-odds of any other class against class ``k`` (then
+        ``class_index`` is ignored and ``CamResult.class_index`` is -1)."""
         import tensorflow as tf
 
         if method not in METHODS:
@@ -537,7 +563,8 @@ class GradCAM:
         b = x.shape[0]
         explicit = class_index is not None
         idx = np.broadcast_to(np.asarray(class_index if explicit else 0, np.int32), (b,)).copy()
-        cam, cls, outs = self._fn(head, method, explicit)(tf.convert_to_tensor(x), tf.convert_to_tensor(idx))
+        against = None if against is None else int(against)
+        cam, cls, outs = self._fn(head, method, explicit, against)(tf.convert_to_tensor(x), tf.convert_to_tensor(idx))
         raw = cam.numpy()
         up = tf.image.resize(cam[..., None], x.shape[1:3], method="bilinear")[..., 0].numpy()
         lo = up.reshape(b, -1).min(axis=1)[:, None, None]

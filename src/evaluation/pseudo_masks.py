@@ -13,7 +13,11 @@ Per image:
    class is ``no_tumor`` get no CAM: a known-empty mask (and no box);
 2. the CAM of that class (the head's logit; a generic ``tumor`` label explains the most
    probable tumour class), at the model's input size, in ``[0, 1]`` (ReLU'd, min-max
-   normalised per image, :class:`src.evaluation.gradcam.GradCAM`);
+   normalised per image, :class:`src.evaluation.gradcam.GradCAM`). With ``score: tumor``
+   the CAM explains the tumour-vs-healthy decision instead, the log-odds of any tumour
+   class against ``no_tumor`` (a classifier trained with healthy slices, e.g. on the
+   Kaggle 4-class set): what makes a slice a tumour slice is the lesion, while a subtype
+   can also be told from where in the head the slice is, which its own CAM then shows;
 3. :func:`refine_mask`: optionally only inside the head (``foreground``: the CAM outside
    the largest region at least that bright is zeroed, the rest rescaled), threshold (a
    fraction of the normalised map, or ``otsu``), then
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 
 LABEL_POLICIES = ("truth", "predicted")
 OTHERS = ("keep", "drop")
+SCORES = ("label", "tumor")
 
 
 @dataclasses.dataclass
@@ -70,6 +75,7 @@ class PseudoSettings:
     min_area: float = 0.0                # fraction of the image: smaller masks -> no mask (unknown)
     foreground: float = 0.0              # CAM kept inside the head only: image intensity level (0 = off)
     label: str = "truth"                 # truth (the true label where known, else predicted) | predicted
+    score: str = "label"                 # label (the class's logit) | tumor (tumour-vs-healthy log-odds)
     boxes: bool = True                   # the mask's box as a pseudo box
     others: str = "keep"                 # records of the other splits: keep | drop
     overlays: int = 8                    # overlay PNGs written (image | CAM with the pseudo-mask outline)
@@ -90,6 +96,8 @@ class PseudoSettings:
                 raise ValueError(f"pseudo.{k} must be a fraction in [0, 1), got {getattr(self, k)!r}")
         if self.label not in LABEL_POLICIES:
             raise ValueError(f"pseudo.label must be one of {list(LABEL_POLICIES)}, got {self.label!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"pseudo.score must be one of {list(SCORES)}, got {self.score!r}")
         if self.others not in OTHERS:
             raise ValueError(f"pseudo.others must be one of {list(OTHERS)}, got {self.others!r}")
 
@@ -268,6 +276,7 @@ class PseudoMaskPass:
                          "repeat": False, "shuffle_buffer": 0, "cache": False, "drop_remainder": False, "xla": False}
         self.cam = GradCAM(loaded.network, layer=settings.layer, graph=len(self.records) > 4 * int(batch_size))
         self.head, self.names = self._head()
+        self.against = self._against()
         self.threshold = float(loaded.run.threshold if loaded.run.threshold is not None else 0.5)
         self.resize = str(data_cfg.get("resize", "stretch"))
         self.done: list[_Done] = []
@@ -292,6 +301,18 @@ class PseudoMaskPass:
             raise ValueError(f"head {head!r} has {width} outputs, which match neither the classes {self.classes} "
                              "nor their tumour classes")
         return head, names
+
+    def _against(self) -> Optional[int]:
+        """``score: tumor``: the head output of ``no_tumor`` the CAM explains against (None
+        for ``score: label``, and for a one-output tumour head, whose logit already is the
+        tumour-vs-healthy decision)."""
+        if self.s.score != "tumor" or self.names is None:
+            return None
+        if NO_TUMOR not in self.names:
+            raise ValueError(f"pseudo.score=tumor explains the tumour-vs-healthy decision, but head {self.head!r} has "
+                             f"no {NO_TUMOR} output (its classes: {self.names}); use a classifier trained with "
+                             "healthy slices (e.g. on the Kaggle 4-class folders) or pseudo.score=label")
+        return self.names.index(NO_TUMOR)
 
     def _predict(self, xb, outputs=None) -> tuple:
         """``(probs [B, C] or None, predicted class names)``; runs the model when
@@ -356,7 +377,7 @@ class PseudoMaskPass:
         if truth is not None and truth.any():  # no pseudo mask (tumour-free, no response) misses it: Dice 0
             row["dice"] = round(dice_iou(m if m is not None else np.zeros(truth.shape, np.uint8), truth)[0], 5)
             self.dices.append((r.label if r.known.get("label") else str(lab), row["dice"]))
-        info = {"class": lab, "label_source": src, "method": s.method,
+        info = {"class": lab, "label_source": src, "method": s.method, "score": s.score,
                 "layer": self.cam.target(self.head).name if cam is not None else None,
                 "checkpoint": str(self.loaded.checkpoint)}
         self.done.append(_Done(_pseudo_record(r, lab, src, path, box, s, info), row))
@@ -380,7 +401,8 @@ class PseudoMaskPass:
                 xb = x.numpy()
                 batch = self.records[i:i + len(xb)]
                 labels, idx, explain, probs, pred = self._explain(batch, xb)
-                res = self.cam(xb, head=self.head, class_index=idx, method=self.s.method) if explain.any() else None
+                res = (self.cam(xb, head=self.head, class_index=idx, method=self.s.method, against=self.against)
+                       if explain.any() else None)
                 if res is not None and probs is None:
                     probs, pred = self._predict(xb, res.outputs)
                 for j, r in enumerate(batch):

@@ -188,3 +188,36 @@ def test_overlay_png(tmp_path):
     assert ov[GREEN][..., 0].mean() > ov[inner_red][..., 0].mean() + 40
     assert ov[inner_red][..., 2].mean() > ov[GREEN][..., 2].mean() + 100
     assert cv2.imread(str(save_overlay(tmp_path / "b.png", _image(), cam, min_height=100))).shape == (128, 256, 3)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_against_explains_the_log_odds_of_the_other_classes(graph):
+    """``against=k`` explains ``logsumexp(z_j, j != k) - z_k``. With a GAP + dense head the
+    Grad-CAM weights have a closed form: ``w_c = (1/N) sum_j W[c, j] d score / d z_j``,
+    ``d score / d z_j = softmax over j != k`` for ``j != k`` and ``-1`` for ``k``; the CAM is
+    ``relu(sum_c A_c w_c)``, checked here against numpy."""
+    rng = np.random.default_rng(3)
+    kernel = rng.normal(size=(3, 4)).astype("float32")
+    x = keras.Input((6, 6, 3))
+    feat = layers.Activation("linear", name="feat")(x)
+    logits = layers.Dense(4, kernel_initializer=keras.initializers.Constant(kernel))(
+        layers.GlobalAveragePooling2D()(feat))
+    model = keras.Model(x, {"class": layers.Activation("softmax", name="class")(logits)})
+    images = rng.random((2, 6, 6, 3)).astype("float32")
+    k = 3
+    res = GradCAM(model, layer="feat", graph=graph)(images, against=k)
+    assert res.class_index.tolist() == [-1, -1]
+    for b in range(2):
+        z = images[b].mean(axis=(0, 1)) @ kernel
+        others = np.delete(np.arange(4), k)
+        d = np.zeros(4)
+        d[others] = np.exp(z[others] - z[others].max()) / np.exp(z[others] - z[others].max()).sum()
+        d[k] = -1.0
+        w = kernel @ d / 36.0
+        expected = np.maximum(images[b] @ w, 0.0)
+        np.testing.assert_allclose(res.raw[b], expected, rtol=1e-4, atol=1e-6)
+    # the class_index path is not the same thing (here: the logit of class 0 alone)
+    plain = GradCAM(model, layer="feat")(images, class_index=0)
+    assert not np.allclose(plain.raw, res.raw)
+    with pytest.raises(GradCamError, match="against=4"):
+        GradCAM(model, layer="feat")(images, against=4)

@@ -236,3 +236,70 @@ def test_predicted_labels_other_splits_dropped_and_errors(made, capsys):
     assert "no image of data 'phantom' is in split(s) ['holdout']" in capsys.readouterr().err
     assert main([f"checkpoint={run}", "what=pseudo_masks", "pseudo.threshold=2"]) == 2
     assert "pseudo.threshold must be" in capsys.readouterr().err
+
+
+# ---- score: tumor ------------------------------------------------------------------------
+def context_model(classes=4):
+    """A classifier that tells the subtype from *context* (the green band) and tumour from
+    healthy by the *lesion* (the red blob): glioma's logit is 4 x mean(green), no_tumor's
+    is -8 x mean(red) + 1. The CAM of glioma is the band; the tumour-vs-healthy CAM is the blob."""
+    x = keras.Input((32, 32, 3))
+    f = keras.layers.Conv2D(2, 1, use_bias=False, name="feat",
+                            kernel_initializer=keras.initializers.Constant([[[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]]]))(x)
+    p = keras.layers.GlobalAveragePooling2D()(f)
+    kernel = [row[:classes] for row in ([0.0, 0.0, 0.0, -8.0], [4.0, 0.0, 0.0, 0.0])]   # rows: red, green
+    logits = keras.layers.Dense(classes, kernel_initializer=keras.initializers.Constant(kernel),
+                                bias_initializer=keras.initializers.Constant([0.0, 0.0, 0.0, 1.0][:classes]))(p)
+    return keras.Model(x, {"class": keras.layers.Activation("softmax", name="class")(logits)})
+
+
+@pytest.fixture(scope="module")
+def context_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("context")
+    recs = []
+    for i, (label, at) in enumerate([("glioma", (26, 14)), ("glioma", (24, 34)), ("no_tumor", None)]):
+        truth = blob(at[0], at[1], 6, 7) if at else np.zeros((H, W), np.uint8)
+        img = np.zeros((H, W, 3), np.uint8)
+        img[..., 2] = 200 * truth          # red (cv2 writes BGR): the lesion
+        img[2:8, :, 1] = 255               # green: a band across the top, the "context"
+        cv2.imwrite(str(tmp / f"c{i}.png"), img)
+        mask = None
+        if at:
+            mask = str(tmp / f"c{i}_mask.png")
+            cv2.imwrite(mask, truth * 255)
+        recs.append(Record(str(tmp / f"c{i}.png"), label=label, mask=mask, split="train", group=f"g{i}",
+                           known={"label": True, "mask": True, "boxes": False}))
+    save_manifest(recs, tmp / "data.jsonl")
+    runs = {}
+    for name, width in (("four", 4), ("subtype", 3)):
+        run = tmp / name
+        (run / "checkpoints").mkdir(parents=True)
+        context_model(width).save(run / "checkpoints" / "best.keras")
+        (run / "run_info.json").write_text(json.dumps({"classes": CLASSES}))
+        data = ["data=phantom", f"data.manifest={tmp / 'data.jsonl'}", "data.image_size=32", f"paths.data_dir={tmp}",
+                "data.channels=3"]
+        OmegaConf.save(compose(data), run / "config.yaml", resolve=True)
+        runs[name] = run
+    return tmp, runs
+
+
+def test_score_tumor_outlines_the_lesion_where_the_class_cam_shows_the_context(context_run, capsys):
+    tmp, runs = context_run
+    dice = {}
+    for score in ("label", "tumor"):
+        out = tmp / f"out_{score}"
+        rc = main([f"checkpoint={runs['four']}", "what=pseudo_masks", f"out={out}", "pseudo.layer=feat",
+                   f"pseudo.score={score}", "split=train", "progress=false"])
+        assert rc == 0, capsys.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["settings"]["score"] == score and summary["status"] == {"empty": 1, "mask": 2}
+        dice[score] = summary["dice"]["mean"]
+        made_by = {r.image: r for r in load_manifest(out / "manifest.jsonl")}[str(tmp / "c0.png")].meta["pseudo_mask"]
+        assert made_by["score"] == score
+    assert dice["label"] < 0.1 and dice["tumor"] > 0.8, dice
+    # a head without a no_tumor output (a subtype head) cannot explain tumour against healthy
+    rc = main([f"checkpoint={runs['subtype']}", "what=pseudo_masks", f"out={tmp / 'bad'}", "pseudo.layer=feat",
+               "pseudo.score=tumor", "split=train", "progress=false"])
+    assert rc == 2 and "has no no_tumor output" in capsys.readouterr().err
+    assert main([f"checkpoint={runs['four']}", "what=pseudo_masks", "pseudo.score=lesion"]) == 2
+    assert "pseudo.score must be one of" in capsys.readouterr().err
