@@ -312,6 +312,46 @@ def _save(rows: list, name: str) -> None:
                                                      "rows": rows}, indent=2, default=str))
 
 
+def _curve(run: Path) -> dict:
+    """A run's validation curves against wall-clock minutes (the epochs spread evenly over
+    the phase's training time, ``budget.json``; the first, tracing epoch is a bit longer)."""
+    import csv
+
+    phase = sorted(run.glob("phase*/history.csv"))[-1].parent
+    rows = list(csv.DictReader((phase / "history.csv").open()))
+    budget = json.loads((phase / "budget.json").read_text()) if (phase / "budget.json").is_file() else {}
+    n = len(rows)
+    minutes = [(i + 1) / n * float(budget.get("elapsed_s", n * 60)) / 60 for i in range(n)]
+    cols = {k: [float(r[k]) if r.get(k) not in (None, "") else None for r in rows] for k in rows[0]}
+    return {"minutes": minutes, **cols}
+
+
+def cmd_curves(args) -> None:
+    """Validation accuracy and Dice against training minutes for runs of one recipe under
+    different budgets: what more time buys, and where the curves flatten."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = dict(r.split("=", 1) for r in args.runs)
+    keys = [("val_class_acc", "validation accuracy"), ("val_mask_dice", "validation Dice (tumour)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), constrained_layout=True)
+    for label, run in runs.items():
+        c = _curve(Path(run))
+        for ax, (k, _) in zip(axes, keys):
+            if k in c:
+                ax.plot(c["minutes"], c[k], marker=".", lw=1.2, label=label)
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_xlabel("training minutes (2-core CPU)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -332,8 +372,11 @@ def main() -> None:
         p.add_argument("--output-root", default=str(ROOT / "outputs" / "real"))
         p.add_argument("--runs", nargs="*", default=[], help="recipe=RUN_DIR pairs to re-read instead of training")
         p.add_argument("--readme", action="store_true", help="write the markdown into README.md between markers")
+    c = sub.add_parser("curves", help="validation curves of runs against training minutes (a PNG)")
+    c.add_argument("--runs", nargs="+", required=True, help="LABEL=RUN_DIR pairs, e.g. 25m=outputs/real/...")
+    c.add_argument("--out", default=str(ROOT / "docs" / "img" / "real_figshare_joint_curves.png"))
     args = ap.parse_args()
-    (cmd_table if args.cmd == "table" else cmd_ablate)(args)
+    {"table": cmd_table, "ablate": cmd_ablate, "curves": cmd_curves}[args.cmd](args)
 
 
 if __name__ == "__main__":
