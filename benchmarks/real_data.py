@@ -69,6 +69,7 @@ SWITCHES = {
     # EfficientMTNet decides its mask at /8; these refine it with the early features (model docstring)
     "detail4": (["model.detail_strides=[4]"], "mask decoder refined at /4"),
     "detail42": (["model.detail_strides=[4,2]"], "mask decoder refined at /4 and /2"),
+    "mask_guided": (["model.mask_guided_class=true"], "class head also pools inside the predicted mask"),
 }
 
 

@@ -12,7 +12,7 @@ and "1.38M params") made correct and configurable::
     gated fusion:                 g = sigmoid(1x1(GAP([low', high'])));  g*low' + (1-g)*high'
                                   -> DSConv+SE
     heads:  mask       DSConv+SE x2 [-> detail steps] -> dropout -> 1x1 -> resize to the input -> sigmoid
-            class      global-context on f3 -> GAP -> 64 -> dropout -> classes -> softmax
+            class      global-context on f3 -> GAP [+ mask-guided pooling] -> 64 -> dropout -> classes -> softmax
             mask_aux1  on f1, mask_aux2 on f2 (deep supervision, training only): conv3x3 ->
                        dropout -> 1x1 -> resize -> sigmoid
 
@@ -22,6 +22,12 @@ cells 8 px apart. Each listed stride (4, then 2) upsamples the decoder features 
 stride, concatenates a 1x1 projection of the learning-to-downsample features there
 (48 ch at /4, 32 ch at /2) and mixes them with a DSConv+SE of ``detail_channels``: a
 DeepLabv3+-style refinement that costs a few percent of the network.
+
+Mask-guided class pooling (``mask_guided_class``, off in the published model): the class
+head also gets the fused /8 features averaged *inside the predicted tumour*
+(:class:`MaskWeightedPool`, weights = the mask head's probability, no gradient into it),
+so the type is read from the lesion rather than from the whole slice, where a subtype's
+usual place (the sella for a pituitary tumour) can stand in for its look.
 
 The global-context block (``context``):
 
@@ -215,6 +221,33 @@ class ScaledResidual(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="btmtl")
+class MaskWeightedPool(layers.Layer):
+    """Average of features ``[B, h, w, C]`` weighted by a probability map ``[B, h, w, 1]``:
+    ``(sum(m f) + prior * mean(f)) / (sum(m) + prior)``. The ``prior`` (in pixels of the map)
+    makes an empty map give the plain average and a one-pixel map half of each, smoothly.
+    The map gets no gradient (the class loss does not redraw the mask)."""
+
+    def __init__(self, prior: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not prior > 0:
+            raise ValueError(f"prior must be > 0, got {prior}")
+        self.prior = float(prior)
+
+    def call(self, inputs):
+        f, m = inputs
+        m = ops.stop_gradient(ops.cast(m, f.dtype))
+        prior = ops.cast(self.prior, f.dtype)
+        num = ops.sum(f * m, axis=(1, 2)) + prior * ops.mean(f, axis=(1, 2))
+        return num / (ops.sum(m, axis=(1, 2)) + prior)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], input_shape[0][-1])
+
+    def get_config(self):
+        return {**super().get_config(), "prior": self.prior}
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
 class GatedSum(layers.Layer):
     """``g * a + (1 - g) * b`` for inputs ``[a, b, g]`` (``g`` in [0, 1], broadcast)."""
 
@@ -331,7 +364,8 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
                     ham_channels: int = 64, ham_rank: int = 16, ham_steps: int = 6, ham_eval_steps: int = 7,
                     ham_seed: int = 0, attention_channels: int = 32, class_hidden: int = 64,
                     dropout: float = 0.1, seg_dropout: float = 0.1, bn_momentum: float = 0.9,
-                    detail_strides=(), detail_channels: int = 48, input_scaling: str = "tf") -> keras.Model:
+                    detail_strides=(), detail_channels: int = 48, mask_guided_class: bool = False,
+                    input_scaling: str = "tf") -> keras.Model:
     """Build EfficientMTNet (see the module docstring).
 
     Args:
@@ -353,6 +387,8 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
         detail_strides: strides (from 4 and 2, coarsest first) at which the mask decoder is
             refined with the learning-to-downsample features (empty: published, /8 logits).
         detail_channels: width of each detail step.
+        mask_guided_class: the class head also pools the fused /8 features inside the
+            predicted mask (:class:`MaskWeightedPool`; needs the mask head).
         input_scaling: in-model scaling of the [0, 1] input, a mode of
             :data:`src.models.layers.PREPROCESS_MODES` (``tf``: x*2-1).
     """
@@ -426,10 +462,17 @@ def efficient_mtnet(num_classes: int = 4, image_size=640, heads=("class", "mask"
             y = layers.Dropout(seg_dropout, name="mask_dropout")(y)
         y = layers.Conv2D(1, 1, name="mask_logits")(y)
         outputs["mask"] = _mask_output(y, size, "mask")
+        mask8 = y if tuple(y.shape[1:3]) == size8 else ResizeTo(size8, name="class_mask_resize")(y)
 
     if "class" in heads:
         y = context_block(f3, class_context, "class_context", **ctx_kw)
         y = layers.GlobalAveragePooling2D(name="class_pool")(y)
+        if mask_guided_class:
+            if "mask" not in heads:
+                raise ValueError("mask_guided_class needs the mask head (heads: [class, mask])")
+            prob = layers.Activation("sigmoid", name="class_mask_prob")(mask8)
+            inside = MaskWeightedPool(name="class_mask_pool")([fused, prob])
+            y = layers.Concatenate(name="class_pool_concat")([y, inside])
         y = layers.Dense(int(class_hidden), activation="relu", name="class_hidden")(y)
         if dropout:
             y = layers.Dropout(dropout, name="class_dropout")(y)

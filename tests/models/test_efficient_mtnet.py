@@ -8,7 +8,8 @@ import keras
 import tensorflow as tf
 
 from src.models import create_model
-from src.models.efficient_mtnet import NMF2D, context_block, nmf, nmf_init_coef, nmf_reconstruction, nmf_update
+from src.models.efficient_mtnet import (NMF2D, MaskWeightedPool, context_block, nmf, nmf_init_coef,
+                                        nmf_reconstruction, nmf_update)
 from src.models.task import MultiTaskModel
 
 # a few thousand parameters: builds and steps in about a second on a CPU
@@ -261,3 +262,47 @@ def test_detail_strides_decide_the_mask_at_a_finer_stride(strides, logit_size, t
 def test_detail_strides_other_than_the_early_ones_are_refused():
     with pytest.raises(ValueError, match="detail_strides takes 4 and/or 2"):
         tiny(detail_strides=[8])
+
+
+def test_mask_weighted_pool_averages_inside_the_map_without_a_gradient_into_it():
+    rng = np.random.default_rng(0)
+    f = tf.constant(rng.normal(size=(3, 4, 5, 2)).astype("float32"))
+    m = np.zeros((3, 4, 5, 1), np.float32)
+    m[0, 1:3, 2:4] = 1.0          # a 4-pixel mask
+    m[2] = 0.5                    # a flat half-sure map
+    m = tf.constant(m)
+    pool = MaskWeightedPool(prior=1.0)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([f, m])
+        out = pool([f, m])
+    fn = f.numpy()
+    inside = fn[0, 1:3, 2:4].sum(axis=(0, 1))
+    np.testing.assert_allclose(out[0], (inside + fn[0].mean(axis=(0, 1))) / 5.0, rtol=1e-5)
+    np.testing.assert_allclose(out[1], fn[1].mean(axis=(0, 1)), rtol=1e-5)   # empty map: the plain average
+    np.testing.assert_allclose(out[2], fn[2].mean(axis=(0, 1)), rtol=1e-5)   # flat map: the average too
+    assert tape.gradient(out, m) is None and tape.gradient(out, f) is not None
+    assert MaskWeightedPool.from_config(pool.get_config()).prior == 1.0
+    with pytest.raises(ValueError, match="prior must be > 0"):
+        MaskWeightedPool(prior=0)
+
+
+def test_mask_guided_class_head_reads_the_predicted_mask(tmp_path):
+    keras.utils.set_random_seed(0)
+    net = tiny(mask_guided_class=True, detail_strides=[4], dropout=0.0, seg_dropout=0.0)
+    names = {layer.name for layer in net.layers}
+    assert {"class_mask_prob", "class_mask_pool", "class_mask_resize"} <= names
+    x = data()[0]
+    # the class output changes when only the mask logits' kernel moves (so the map's shape does;
+    # a uniform shift of the map would not: a flat map pools to the plain average)
+    # (training=True: batch statistics give the untrained tiny net O(1) features; no dropout)
+    before = net(x, training=True)["class"].numpy()
+    kernel = net.get_layer("mask_logits").kernel
+    kernel.assign(kernel + 5.0 * np.random.default_rng(1).normal(size=kernel.shape).astype("float32"))
+    after = net(x, training=True)["class"].numpy()
+    assert np.abs(after - before).max() > 1e-4
+    net.save(tmp_path / "guided.keras")
+    back = keras.saving.load_model(tmp_path / "guided.keras")
+    np.testing.assert_allclose(net(x, training=False)["class"].numpy(), back(x, training=False)["class"].numpy(),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="mask_guided_class needs the mask head"):
+        tiny(mask_guided_class=True, heads=["class"])
