@@ -63,6 +63,8 @@ SWITCHES = {
     # the recipe samples classes balanced since the 2026-12-07 ablation (its "balanced" arm, against the
     # natural baseline then shipped): the switch now turns it back to natural frequencies
     "natural": (["data.sampling=natural"], "natural sampling (class frequencies of the data)"),
+    # the 2026-12-07 table's arm, against its natural-sampling baseline (--overrides data.sampling=natural)
+    "balanced": (["data.sampling=balanced"], "class-balanced sampling"),
     "label_smoothing": (["model.losses.class.label_smoothing=0.1"], "label smoothing 0.1"),
     "strong_aug": (["data.augment.rotate_deg=20", "data.augment.scale=0.2", "data.augment.shift=0.1",
                     "data.augment.brightness=0.2", "data.augment.contrast=0.2"], "stronger augmentation"),
