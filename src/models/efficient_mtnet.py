@@ -235,10 +235,11 @@ class MaskWeightedPool(layers.Layer):
 
     def call(self, inputs):
         f, m = inputs
-        m = ops.stop_gradient(ops.cast(m, f.dtype))
-        prior = ops.cast(self.prior, f.dtype)
-        num = ops.sum(f * m, axis=(1, 2)) + prior * ops.mean(f, axis=(1, 2))
-        return num / (ops.sum(m, axis=(1, 2)) + prior)
+        dtype = f.dtype
+        f = ops.cast(f, "float32")   # sums over every position: float32 even under float16
+        m = ops.stop_gradient(ops.cast(m, "float32"))
+        num = ops.sum(f * m, axis=(1, 2)) + self.prior * ops.mean(f, axis=(1, 2))
+        return ops.cast(num / (ops.sum(m, axis=(1, 2)) + self.prior), dtype)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], input_shape[0][-1])
