@@ -21,7 +21,8 @@ at /8 (32 x 32 logits for a 256 px slice), so a tumour's edge is a bilinear gues
 cells 8 px apart. Each listed stride (4, then 2) upsamples the decoder features to that
 stride, concatenates a 1x1 projection of the learning-to-downsample features there
 (48 ch at /4, 32 ch at /2) and mixes them with a DSConv+SE of ``detail_channels``: a
-DeepLabv3+-style refinement that costs a few percent of the network.
+DeepLabv3+-style refinement. Few parameters, but full-resolution work: the /4 step trained
+at 22.9 img/s against 28.0 at 256 px on the 2-core CPU (README, ablations).
 
 Mask-guided class pooling (``mask_guided_class``, off in the published model): the class
 head also gets the fused /8 features averaged *inside the predicted tumour*
