@@ -323,7 +323,7 @@ def read_image(path) -> np.ndarray:
     """RGB uint8 ``[H, W, 3]`` (grey broadcast); :class:`ImageReadError` says why not."""
     import tensorflow as tf
 
-    from .data.pipeline import probe_header
+    from .data.image_header import probe_header
     from .data.records import DataError
 
     p = Path(path)

@@ -346,7 +346,7 @@ class PseudoMaskPass:
     def _mask_file(self, n: int, r: Record, m: np.ndarray) -> tuple:
         """The model-frame mask ``m`` at the original size as ``masks/<index>_<stem>.png``:
         ``(path, box, area)``, or Nones when nothing is left."""
-        from ..data.pipeline import probe_header
+        from ..data.image_header import probe_header
         from ..inference import frame_for, mask_to_original, write_png
 
         info = probe_header(r.image)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from src.data.image_header import probe_header
 from src.data.masks import mask_to_box
-from src.data.pipeline import (TARGET_KEYS, build_dataset, check_decodable, describe_batch, plan_pipeline,
-                               probe_header)
+from src.data.pipeline import TARGET_KEYS, build_dataset, check_decodable, describe_batch, plan_pipeline
 from src.data.records import ClassMap, DataError, Record
 
 CM = ClassMap()  # glioma, meningioma, pituitary, no_tumor
