@@ -10,8 +10,9 @@ import tensorflow as tf
 
 from src.data.image_header import probe_header
 from src.data.masks import mask_to_box
-from src.data.pipeline import TARGET_KEYS, build_dataset, check_decodable, describe_batch, plan_pipeline
+from src.data.pipeline import build_dataset, check_decodable, describe_batch, plan_pipeline
 from src.data.records import ClassMap, DataError, Record
+from src.data.targets import TARGET_KEYS
 
 CM = ClassMap()  # glioma, meningioma, pituitary, no_tumor
 # xla off where the test is not about the image path: XLA compiles per shape (~1 s each)
