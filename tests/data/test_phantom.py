@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from src.data import phantom as ph
+from src.data import phantom_render as render
 from src.data.records import DataError
 
 SMALL = dict(n_patients=12, image_size=64, seed=0)
@@ -118,7 +119,7 @@ def rendered():
                                  class_probs=[1, 1, 1, 0])
     out = []
     for e in ph.plan_patients(params):
-        for stem, img, mask, depth, patient in ph.render_patient(params, e, return_depth=True):
+        for stem, img, mask, depth, patient in render.render_patient(params, e, return_depth=True):
             out.append((e["class"], img, mask, depth, patient))
     return out
 
@@ -130,11 +131,11 @@ def test_meningioma_sits_on_the_inner_skull_glioma_inside_the_brain(rendered):
         d = depth[mask > 0]
         if cls == "meningioma":
             # touches the inner skull surface (within a pixel), never reaches into the bone
-            assert d.min() <= ph.inner_skull_depth(patient) + px, (d.min(), ph.inner_skull_depth(patient))
-            assert d.min() >= ph.inner_skull_depth(patient) - 0.5
+            assert d.min() <= render.inner_skull_depth(patient) + px, (d.min(), render.inner_skull_depth(patient))
+            assert d.min() >= render.inner_skull_depth(patient) - 0.5
         elif cls == "glioma":
             # intra-axial: inside the brain surface, never in the CSF rim or the bone
-            assert d.min() >= ph.brain_depth(patient) - 0.5, (d.min(), ph.brain_depth(patient))
+            assert d.min() >= render.brain_depth(patient) - 0.5, (d.min(), render.brain_depth(patient))
         seen[cls] += 1
     assert seen["meningioma"] >= 5 and seen["glioma"] >= 5
 
