@@ -22,8 +22,8 @@ class UsageError(ValueError):
 
 
 def _weights_errors() -> tuple:
-    bb = sys.modules.get("src.models.backbones")  # imported only when a backbone was built
-    return (bb.WeightsUnavailableError, bb.WeightsMismatchError) if bb is not None else ()
+    w = sys.modules.get("src.models.weights")  # imported only with the backbones, when one was built
+    return (w.WeightsUnavailableError, w.WeightsMismatchError) if w is not None else ()
 
 
 def cli_main(doc: str, config_name: str, run: Callable[[Any, list], dict], argv: Optional[Sequence[str]] = None,

@@ -131,6 +131,7 @@ def _out_dir(cfg, run_dir, split: str) -> Path:
 
 def run(cfg, args: Sequence[str] = ()) -> dict:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns a summary dict."""
+    from .boxes_from_mask import resolve_box_mode
     from .data.pipeline import build_dataset
     from .data.records import TUMOR
     from .evaluation.collect import EvaluationError, check_compatible, collect, dataset_targets, output_shapes
@@ -138,7 +139,7 @@ def run(cfg, args: Sequence[str] = ()) -> dict:
     from .evaluation.metrics import to_jsonable
     from .evaluation.report import save_report
     from .evaluation.tracking import log_to_mlflow
-    from .inference import load_for_inference, resolve_box_mode, resolve_tta
+    from .inference import load_for_inference, resolve_tta
     from .runs import find_run_dir, resolve_checkpoint, settings_from_run
 
     t0 = time.time()

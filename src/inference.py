@@ -14,14 +14,15 @@ picture:
   horizontal mirror's outputs, the mirror's spatial outputs flipped back first);
 * **postprocess** -- :func:`decide` (the class decision of whatever class heads a model
   has), :func:`boxes_to_pixels` / :func:`mask_to_original` (back to the original image),
-  :func:`mask_boxes` / :func:`slot_boxes_from_masks` (boxes read off a predicted mask, so
-  a model with a mask head and no box head still reports boxes);
+  :func:`~src.boxes_from_mask.mask_boxes` / :func:`~src.boxes_from_mask.slot_boxes_from_masks`
+  (:mod:`src.boxes_from_mask`: boxes read off a predicted mask, so a model with a mask head
+  and no box head still reports boxes);
 * **draw** -- :func:`draw_overlay` (box, mask outline, label), :func:`fit_text_scale`;
 * :class:`Predictor` -- all of it for a list of image files, one :class:`ImagePrediction`
   (or :class:`Skipped`) per file, as ``src.predict`` writes them.
 
 Imports point down only: :mod:`src.runs`, the model loader, the data readers' header
-probe; nothing of the evaluation or of the entry points.
+probe, :mod:`src.boxes_from_mask`; nothing of the evaluation or of the entry points.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .boxes_from_mask import (BOX_MODES, _off, mask_boxes, resolve_box_mode,  # noqa: F401 (re-exported)
+                              slot_boxes_from_masks, union_box)
 from .data.records import NO_TUMOR
 from .runs import CheckpointError, RunMeta, resolve_checkpoint, run_metadata
 
@@ -39,7 +42,6 @@ log = logging.getLogger(__name__)
 
 _CV2_ONLY = (".tif", ".tiff", ".webp")
 TTA_MODES = ("none", "flip")
-BOX_MODES = ("largest", "components")
 
 # outputs averaged as they are (probabilities / scores); every other output of rank 4
 # ([B, H, W, C]: mask, recon, ...) is spatial and flipped back along the width first
@@ -170,11 +172,6 @@ def load_for_inference(checkpoint) -> InferenceModel:
 # ---------------------------------------------------------------------------------------
 # test-time augmentation
 # ---------------------------------------------------------------------------------------
-def _off(value) -> bool:
-    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in
-                                               ("none", "false", "off", ""))
-
-
 def resolve_tta(mode) -> str:
     """``"none"`` or ``"flip"`` from a config value (``false`` / ``null`` / ``none`` = off);
     ``ValueError`` for anything else."""
@@ -229,87 +226,6 @@ def predict_with_tta(model, x, mode="none"):
     if single:
         return merge_flip({"output": out}, {"output": flipped})["output"]
     return merge_flip(out, flipped)
-
-
-# ---------------------------------------------------------------------------------------
-# boxes from masks
-# ---------------------------------------------------------------------------------------
-def resolve_box_mode(mode) -> Optional[str]:
-    """``"largest"``, ``"components"`` or None (``false`` / ``null`` / ``none`` = off)."""
-    if _off(mode):
-        return None
-    if isinstance(mode, str) and mode.strip().lower() in BOX_MODES:
-        return mode.strip().lower()
-    raise ValueError(f"boxes_from_mask must be largest, components or false, got {mode!r}")
-
-
-def mask_boxes(mask, threshold: float = 0.5, mode: str = "largest", min_area: int = 0) -> np.ndarray:
-    """Boxes of a predicted mask: ``[K, 4]`` float pixel xyxy, pixel edges (``x_max`` = last
-    foreground column + 1, as the data's boxes), largest component first.
-
-    Args:
-        mask: ``[H, W]`` or ``[H, W, 1]`` probabilities (or a 0/1 mask).
-        threshold: foreground = ``mask >= threshold``.
-        mode: ``largest`` (at most one box: the largest 8-connected component) or
-            ``components`` (one box per 8-connected component).
-        min_area: components with fewer pixels are ignored (specks); 0 keeps all.
-
-    An empty mask (or one whose components are all under ``min_area``) gives ``[0, 4]``.
-    """
-    import cv2
-
-    mode = resolve_box_mode(mode)
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[..., 0]
-    if m.ndim != 2:
-        raise ValueError(f"mask must be [H, W] or [H, W, 1], got shape {np.shape(mask)}")
-    fg = np.ascontiguousarray(m >= threshold, dtype=np.uint8)
-    if mode is None or not fg.any():
-        return np.zeros((0, 4), np.float64)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
-    st = stats[1:]
-    keep = st[:, cv2.CC_STAT_AREA] >= max(int(min_area), 1)
-    st = st[keep]
-    order = np.argsort(-st[:, cv2.CC_STAT_AREA], kind="stable")
-    st = st[order]
-    if mode == "largest":
-        st = st[:1]
-    x, y = st[:, cv2.CC_STAT_LEFT], st[:, cv2.CC_STAT_TOP]
-    return np.stack([x, y, x + st[:, cv2.CC_STAT_WIDTH], y + st[:, cv2.CC_STAT_HEIGHT]], axis=1).astype(np.float64)
-
-
-def union_box(boxes: np.ndarray) -> Optional[np.ndarray]:
-    """The smallest box holding every box of ``boxes [K, 4]`` (None when K = 0)."""
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    if not len(b):
-        return None
-    return np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()])
-
-
-def slot_boxes_from_masks(masks, num_slots: int, threshold: float = 0.5, mode: str = "largest",
-                          min_area: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(boxes [B, num_slots, 4], components [B])`` from predicted masks ``[B, H, W(, 1)]``.
-
-    ``boxes``: normalised xyxy in the layout of a detector's box head (one box per class
-    slot); every slot holds the image's mask box (``largest``: the largest component's;
-    ``components``: the union box of the kept components); an empty mask gives zero boxes
-    (IoU 0 with anything). ``components``: the number of kept components per image (0 = no
-    box)."""
-    mode = resolve_box_mode(mode)
-    masks = np.asarray(masks)
-    B = len(masks)
-    out = np.zeros((B, int(num_slots), 4), np.float32)
-    counts = np.zeros(B, np.int64)
-    for i in range(B):
-        m = masks[i]
-        H, W = m.shape[:2]
-        comps = mask_boxes(m, threshold, "components" if mode else None, min_area)
-        counts[i] = len(comps)
-        b = union_box(comps[:1] if mode == "largest" else comps)
-        if b is not None:
-            out[i, :] = b / np.array([W, H, W, H], np.float64)
-    return out, counts
 
 
 # ---------------------------------------------------------------------------------------

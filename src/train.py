@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     quiet_tensorflow()  # no CUDA-probe noise on a CPU-only machine
     run_dir = HydraConfig.get().runtime.output_dir
     log.info("run dir: %s", run_dir)
-    from .models.backbones import WeightsMismatchError, WeightsUnavailableError
+    from .models.weights import WeightsMismatchError, WeightsUnavailableError
     from .training.callbacks import CheckpointWriteError
 
     try:

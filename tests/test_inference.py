@@ -1,10 +1,10 @@
-"""`src.inference`: boxes read off masks (pure numpy + OpenCV) and flip test-time
-augmentation checked against two raw model calls."""
+"""`src.boxes_from_mask` and `src.inference`: boxes read off masks (pure numpy + OpenCV) and
+flip test-time augmentation checked against two raw model calls."""
 import numpy as np
 import pytest
 
-from src.inference import (mask_boxes, merge_flip, predict_with_tta, resolve_box_mode, resolve_tta,
-                           slot_boxes_from_masks, union_box)
+from src.boxes_from_mask import mask_boxes, resolve_box_mode, slot_boxes_from_masks, union_box
+from src.inference import merge_flip, predict_with_tta, resolve_tta
 
 
 def _two_blobs():

@@ -14,7 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from src import tracking
-from src.tracking import REDACTED, Tracker, flatten_config, redact_text, sanitize_name
+from src.redaction import REDACTED, flatten_config, redact_text, sanitize_name
+from src.tracking import Tracker
 
 SECRET = "rf_SECRET_k3y_0123456789"
 EXPERIMENT = "braintumor-mtl-test"

@@ -79,8 +79,9 @@ def _checkpoint_extractor(path: str):
 def _backbone_extractor(name: str, weights, size: int, cache_dir: Optional[str]):
     import keras
 
-    from ..models.backbones import WeightsUnavailableError, create_backbone
+    from ..models.backbones import create_backbone
     from ..models.layers import Preprocess
+    from ..models.weights import WeightsUnavailableError
 
     if isinstance(weights, str) and weights.strip().lower() in ("", "none", "null"):
         weights = None

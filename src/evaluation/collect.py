@@ -117,15 +117,15 @@ class Collector:
         thumb: longest side of the gallery copies.
         boxes_from_mask: ``largest`` | ``components`` | None. When the outputs have a
             ``mask`` but no ``boxes`` and the targets have ``boxes``, the predicted boxes
-            are read off the mask (:func:`src.inference.slot_boxes_from_masks`: every class
-            slot holds the mask's box; an empty mask gives a zero box) and
+            are read off the mask (:func:`src.boxes_from_mask.slot_boxes_from_masks`: every
+            class slot holds the mask's box; an empty mask gives a zero box) and
             ``pred["boxes_from_mask"]`` counts the mask's components per image (0 = no box).
         boxes_min_area: components with fewer pixels (of the model's mask) are ignored.
     """
 
     def __init__(self, heads: Sequence[str], mask_threshold: float = 0.5, data_range: Optional[float] = 1.0,
                  thumb: int = 128, boxes_from_mask: Optional[str] = None, boxes_min_area: int = 0):
-        from ..inference import resolve_box_mode
+        from ..boxes_from_mask import resolve_box_mode
 
         self.heads = list(heads)
         self.boxes_from_mask = resolve_box_mode(boxes_from_mask)
@@ -206,7 +206,7 @@ class Collector:
                                                       for i in range(B)]))
 
     def _add_mask_boxes(self, pm: np.ndarray, num_slots: int) -> None:
-        from ..inference import slot_boxes_from_masks
+        from ..boxes_from_mask import slot_boxes_from_masks
 
         boxes, counts = slot_boxes_from_masks(pm.reshape(len(pm), *pm.shape[1:3]), num_slots, self.mask_threshold,
                                               self.boxes_from_mask, self.boxes_min_area)

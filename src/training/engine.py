@@ -283,7 +283,8 @@ def initial_checkpoint(s: Session) -> Optional[Path]:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the phases ``cfg.phase`` names; returns the last phase's ``metrics.json`` content."""
     from ..config import worker_suffix
-    from ..tracking import Tracker, flatten_config
+    from ..redaction import flatten_config
+    from ..tracking import Tracker
     from .budget import fmt_seconds, parse_duration, phase_budgets
 
     s = start_session(cfg, run_dir)

@@ -27,8 +27,6 @@ from src.models.backbones import (
     LEVEL_STRIDES,
     SPECS,
     Backbone,
-    WeightsMismatchError,
-    WeightsUnavailableError,
     as_backbone,
     create_backbone,
     imagenet_weights_file,
@@ -37,6 +35,7 @@ from src.models.backbones import (
 )
 from src.models.layers import PREPROCESS_MODES, Preprocess
 from src.models.unfreeze import set_trainable
+from src.models.weights import WeightsMismatchError, WeightsUnavailableError
 
 SIZE = 64
 NAMES = [n for n in list_backbones() if isinstance(SPECS[n].app, str)]  # keras.applications ones (the

@@ -21,13 +21,12 @@ from src.models import create_model
 from src.models.backbones import (
     LEVEL_STRIDES,
     Backbone,
-    WeightsMismatchError,
-    WeightsUnavailableError,
     create_backbone,
     imagenet_weights_file,
 )
 from src.models.swin import relative_index, shift_mask, window_shift
 from src.models.unfreeze import count_params, set_trainable
+from src.models.weights import WeightsMismatchError, WeightsUnavailableError
 
 SIZE = 32
 NAMES = ["resnet18", "resnet34", "resnext50", "vit_tiny", "vit_b16", "swin_tiny"]
