@@ -42,6 +42,9 @@ COLUMNS = ["backbone", "accuracy", "macro_f1", "glioma_recall", "params", "img_p
 
 
 def has_gpu() -> bool:
+    from src.runtime import quiet_tensorflow
+
+    quiet_tensorflow()  # no CUDA-probing lines on a CPU-only machine
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
