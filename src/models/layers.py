@@ -73,3 +73,31 @@ class ResizeTo(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "size": list(self.size), "interpolation": self.interpolation}
+
+
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+@keras.saving.register_keras_serializable(package="btmtl")
+class GroupedConv2D(layers.Conv2D):
+    """``Conv2D(groups=g)`` with the same weights, computed as ``g`` convolutions on a CPU.
+
+    TensorFlow's CPU kernels for a grouped convolution are two orders of magnitude slower
+    than ``g`` ordinary convolutions of the channel slices, concatenated (a ResNeXt 3 x 3
+    convolution, 32 groups, 128 channels at 16 x 16, batch 32, forward and backward: 4.7 s
+    against 20 ms on a 2-core Xeon). On a GPU the native grouped kernel (cuDNN) runs. The
+    kernel keeps the shape ``(kh, kw, in / g, out)`` of ``Conv2D``, so weights, converted
+    checkpoints and saved models are interchangeable with it; the outputs are identical.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if self.groups == 1 or _gpu_visible():
+            return super().convolution_op(inputs, kernel)
+        axis = -1 if self.data_format == "channels_last" else 1
+        parts = zip(ops.split(inputs, self.groups, axis=axis), ops.split(kernel, self.groups, axis=-1))
+        return ops.concatenate([ops.conv(x, k, strides=self.strides, padding=self.padding,
+                                         data_format=self.data_format, dilation_rate=self.dilation_rate)
+                                for x, k in parts], axis=axis)

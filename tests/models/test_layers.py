@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from src.models.layers import PREPROCESS_MODES, Preprocess
+from src.models.layers import PREPROCESS_MODES, GroupedConv2D, Preprocess
 
 # a keras.applications module whose preprocess_input each mode reproduces (on 0..255 pixels)
 KERAS_MODULE = {"raw255": "efficientnet", "caffe": "resnet", "tf": "mobilenet_v2", "torch": "densenet"}
@@ -35,3 +35,39 @@ def test_preprocess_matches_keras_preprocess_input(mode, tmp_path):
 def test_unknown_mode_names_the_vocabulary():
     with pytest.raises(ValueError, match="raw255"):
         Preprocess("imagenet")
+
+
+@pytest.mark.parametrize("stride, padding", [(1, "same"), (2, "valid")])
+def test_grouped_conv_equals_keras_grouped_conv_in_outputs_and_gradients(stride, padding):
+    import tensorflow as tf
+
+    x = tf.random.stateless_normal((2, 9, 9, 16), seed=(1, 2))
+    ref = keras.layers.Conv2D(24, 3, strides=stride, padding=padding, groups=4, use_bias=True)
+    ours = GroupedConv2D(24, 3, strides=stride, padding=padding, groups=4, use_bias=True)
+    ref.build(x.shape)
+    ours.build(x.shape)
+    assert [w.shape for w in ours.weights] == [w.shape for w in ref.weights]
+    ref.set_weights([np.random.default_rng(0).normal(size=w.shape).astype("float32") for w in ref.weights])
+    ours.set_weights(ref.get_weights())
+
+    def run(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * y)
+        return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+    (y_ref, g_ref), (y_ours, g_ours) = run(ref), run(ours)
+    np.testing.assert_allclose(y_ours.numpy(), y_ref.numpy(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_grouped_conv_survives_save_and_load(tmp_path):
+    inp = keras.Input((8, 8, 8))
+    model = keras.Model(inp, GroupedConv2D(8, 3, padding="same", groups=4, name="g")(inp))
+    x = np.random.default_rng(1).random((1, 8, 8, 8)).astype("float32")
+    model.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras")
+    assert isinstance(back.get_layer("g"), GroupedConv2D) and back.get_layer("g").groups == 4
+    np.testing.assert_allclose(back.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
