@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from src.curate import Settings, curate_records  # noqa: E402
+from src.runtime import machine_info  # noqa: E402
 from src.data.dedup import hash_files  # noqa: E402
 from src.data.base import IMAGE_EXTENSIONS  # noqa: E402
 from src.data.records import Record  # noqa: E402
@@ -34,29 +34,12 @@ def folder_records(root: Path, limit: int | None = None) -> list[Record]:
     return recs[:limit] if limit else recs
 
 
-def loadavg():
-    try:
-        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return None
-
-
 def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import imagehash
     import numpy
     import PIL
 
-    info.update(numpy=numpy.__version__, pillow=PIL.__version__, imagehash=imagehash.__version__,
-                loadavg_at_start=loadavg())
-    return info
+    return {**machine_info(), "numpy": numpy.__version__, "pillow": PIL.__version__, "imagehash": imagehash.__version__}
 
 
 def time_hashing(paths, workers: int, **kw) -> dict:
@@ -64,7 +47,7 @@ def time_hashing(paths, workers: int, **kw) -> dict:
     _, t = hash_files(paths, workers=workers, progress=False, **kw)
     cpu_ms = (time.process_time() - c) / len(paths) * 1e3
     return {"img_per_s": t["images_per_s"], "seconds": t["seconds"], "cpu_ms_per_img": round(cpu_ms, 3),
-            "cpu_capacity_img_per_s": round((os.cpu_count() or 1) * 1e3 / cpu_ms, 1), "loadavg_1min_after": loadavg()[0]}
+            "cpu_capacity_img_per_s": round((os.cpu_count() or 1) * 1e3 / cpu_ms, 1), "loadavg_1min_after": os.getloadavg()[0]}
 
 
 def main(argv=None) -> int:
@@ -113,7 +96,7 @@ def main(argv=None) -> int:
         res_h = curate_records(records, Settings(hash_size=h, hamming=0, workers=best_w, progress=False))
         results.setdefault("phash_distance_0", {})[f"hash_size_{h}"] = res_h.levels["near"]
     print("pairs at phash distance 0 that are not exact copies:", json.dumps(results["phash_distance_0"]))
-    results["machine"]["loadavg_at_end"] = loadavg()
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["total_s"] = round(time.perf_counter() - t_all, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from src.runtime import machine_info  # noqa: E402
 
 #: the recipes' sizes (conf/experiment/figshare_*.yaml)
 RECIPES = {"small_cnn": (128, 32), "efficient_mtnet": (256, 16), "mtl_unet": (128, 32),
@@ -115,16 +115,6 @@ def bare_rate(name: str, size: int, batch: int, steps: int) -> dict:
     return out
 
 
-def machine() -> dict:
-    flags = ""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "avx2": "avx2" in flags, "loadavg": os.getloadavg()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["small_cnn", "efficient_mtnet", "mtl_unet"])
@@ -149,7 +139,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     out = {"what": "src.train steady img/s vs a bare model.fit of the same network, losses and batches (in memory)",
-           "when": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "results": rows}
+           "when": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"{'model':<18}{'engine img/s':>14}{'bare img/s':>12}{'ratio':>8}{'first step s':>14}")

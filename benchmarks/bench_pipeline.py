@@ -15,7 +15,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 
 from src.data.pipeline import plan_pipeline  # noqa: E402
 from src.data.records import ClassMap, Record  # noqa: E402
+from src.runtime import machine_info  # noqa: E402
 
 NAMES = {0: "pituitary", 1: "meningioma", 2: "glioma"}  # data.yaml
 HEADLINE = ("train_full_aug_default", "train_full_aug", "train_flip_photometric", "train_no_aug")  # timed over 2 epochs, others 1
@@ -113,37 +113,10 @@ def decode_only(records, ratio: int = 1, channels: int = 1) -> dict:
     return time_dataset(ds)
 
 
-def loadavg():
-    try:
-        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return None
-
-
 def report(name: str, r: dict, extra: str = "") -> None:
     cap = f"{r['cpu_capacity_img_per_s']:7.0f}" if "cpu_capacity_img_per_s" in r else "      -"
     print(f"{name:32s} {r['img_per_s']:7.0f} img/s  cpu {r['cpu_ms_per_img']:.3f} ms/img  capacity {cap} img/s"
           + (f"  ({extra})" if extra else ""), flush=True)
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "tensorflow": tf.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count()}
-    try:
-        import keras
-
-        info["keras"] = keras.__version__
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        flags = open("/proc/cpuinfo").read()
-        info["avx512"] = "avx512f" in flags
-        info["loadavg_at_start"] = loadavg()
-    except OSError:
-        pass
-    info["gpus"] = len(tf.config.list_physical_devices("GPU"))
-    return info
 
 
 def main(argv=None) -> int:
@@ -184,7 +157,7 @@ def main(argv=None) -> int:
         variants = {k: v for k, v in variants.items() if k in ("train_full_aug_default", "train_full_aug")}
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
-    results = {"machine": machine(), "dataset": {"name": "figshare-cheng", "images": len(records),
+    results = {"machine": machine_info(), "dataset": {"name": "figshare-cheng", "images": len(records),
                                                   "source_size": "512x512 grey JPEG", "masks": "512x512 PNG"},
                "settings": {"common": base, "default_augment": default_aug}, "variants": {}}
     t_all = time.perf_counter()
@@ -198,7 +171,7 @@ def main(argv=None) -> int:
         ds = plan.dataset()
         r = time_dataset(ds, epochs=2 if name in HEADLINE else 1)
         r.update({"plan_s": round(plan_s, 2), "cfg": {k: v for k, v in over.items()}, "heads": heads or "all",
-                  "plan": plan.summary(), "loadavg_1min_after": loadavg()})
+                  "plan": plan.summary(), "loadavg_1min_after": os.getloadavg()[0]})
         results["variants"][name] = r
         report(name, r, f"first epoch {r['first_epoch_s']} s, plan {r['plan_s']} s")
     if not args.only:
@@ -215,7 +188,7 @@ def main(argv=None) -> int:
         results["variants"]["naive_pil_loop_images_only"] = r
         report("naive_pil_loop_images_only", r)
     mask_cache.cleanup()
-    results["machine"]["loadavg_at_end"] = loadavg()
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["total_s"] = round(time.perf_counter() - t_all, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

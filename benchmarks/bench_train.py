@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -102,14 +101,9 @@ def main() -> None:
 
 
 def _write(out_path: Path, results: list) -> None:
-    import tensorflow as tf
+    from src.runtime import machine_info
 
-    from src.training.precision import cpu_has_bf16
-
-    out = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                       "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-                       "cpu_bf16": cpu_has_bf16(), "tensorflow": tf.__version__,
-                       "loadavg": os.getloadavg()},
+    out = {"machine": machine_info(),
            "when": time.strftime("%Y-%m-%d %H:%M"), "results": results}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from src.runtime import machine_info  # noqa: E402  (never imports TensorFlow)
+
 RESULTS = ROOT / "benchmarks" / "results"
 PY = sys.executable
 
@@ -73,17 +75,6 @@ SWITCHES = {
     "detail42": (["model.detail_strides=[4,2]"], "mask decoder refined at /4 and /2"),
     "mask_guided": (["model.mask_guided_class=true"], "class head also pools inside the predicted mask"),
 }
-
-
-def machine() -> dict:
-    flags = ""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        pass
-    model = re.search(r"model name\s*:\s*(.+)", flags)
-    return {"cpu": model.group(1).strip() if model else platform.processor(), "cores": os.cpu_count(),
-            "avx512_bf16": "avx512_bf16" in flags, "gpu": None, "platform": platform.platform()}
 
 
 def _run(cmd: list, log: Path) -> str:
@@ -159,7 +150,7 @@ def row_from(recipe: str, run: Path, budget: str, load: tuple) -> dict:
            "train_img_per_s": _g(final, "timing", "train_img_per_s"),
            "first_step_s": _g(final, "timing", "first_step_s"),
            "inference_img_per_s": inference_rate(run), "params": None, "load_before": load,
-           "load_after": os.getloadavg(), "machine": machine(), "splits": {}}
+           "load_after": os.getloadavg(), "machine": machine_info(), "splits": {}}
     for name, m in (("test", test), ("val", val)):
         heads = m.get("heads", m)
         cls = _g(heads, "class") or {}
@@ -203,7 +194,7 @@ def markdown(rows: list) -> str:
                      f"({r.get('epochs') or '–'}) | {_pct(t.get('accuracy'))} | {_pct(t.get('balanced_accuracy'))} | "
                      f"{rec or '–'} | {_pct(t.get('dice'))} | {box} | {r.get('train_img_per_s') or '–'} | "
                      f"{r.get('inference_img_per_s') or '–'} |")
-    m = rows[0]["machine"] if rows else machine()
+    m = rows[0]["machine"] if rows else machine_info()
     foot = (f"\nTest split (never used for training or checkpoint selection); "
             f"{'; '.join(sorted({PROTOCOL[r['dataset']] for r in rows if r['dataset'] in PROTOCOL}))}. "
             f"Machine: {m['cpu']}, {m['cores']} cores, no GPU"
@@ -311,7 +302,7 @@ def ablation_markdown(rows: list) -> str:
 
 def _save(rows: list, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+    (RESULTS / f"{name}.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
                                                      "rows": rows}, indent=2, default=str))
 
 

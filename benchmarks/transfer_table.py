@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from src.runtime import machine_info, quiet_tensorflow  # noqa: E402
 
 #: the paper's table (Swin, ViT, ResNeXt50, VGG16, MobileNetV2, MobileNetV3) + TumorNet's ResNet18 and ResNet50
 BACKBONES = ["swin_tiny", "vit_b16", "resnext50", "vgg16", "mobilenet_v2", "mobilenet_v3_large", "resnet18",
@@ -42,8 +42,6 @@ COLUMNS = ["backbone", "accuracy", "macro_f1", "glioma_recall", "params", "img_p
 
 
 def has_gpu() -> bool:
-    from src.runtime import quiet_tensorflow
-
     quiet_tensorflow()  # no CUDA-probing lines on a CPU-only machine
     import tensorflow as tf
 
@@ -160,14 +158,16 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run (e.g. data.root=...)")
     a = p.parse_args(argv)
     gpu = has_gpu()
+    cpu = machine_info()
     a.weights = a.weights or ("imagenet" if gpu else "null")
     a.quick = not gpu and a.weights == "null" and not a.weights_dir
     a.size = a.size or (64 if a.quick else 224)
     a.epochs = a.epochs or (2 if a.quick else 20)
     note = (f"Settings: image size {a.size}, at most {a.epochs} epochs per phase, weights `{a.weights}`"
             f"{' (' + a.weights_dir + ')' if a.weights_dir else ''}, duplicate groups inside one split "
-            f"(`data.duplicates=group`); img/s = inference, batch 32, on {platform.processor() or platform.machine()}"
-            f" ({'GPU' if gpu else 'CPU only'}, {os.cpu_count()} cores).")
+            f"(`data.duplicates=group`); img/s = inference, batch 32, on {cpu['cpu']}"
+            f" ({'GPU' if gpu else 'CPU only'}, {cpu['cores']} cores"
+            f"{', AVX512-BF16' if cpu['avx512_bf16'] and not gpu else ''}).")
     if a.quick:
         note = ("**CPU quick run without pretrained weights: small images, few epochs, one phase training every "
                 "layer from random initialisation. These numbers compare nothing with the paper; they show the "

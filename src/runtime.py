@@ -109,5 +109,32 @@ def tune_graph_optimizer() -> dict:
     return options
 
 
-__all__ = ["process_started", "quiet_tensorflow", "filter_startup_lines", "nvidia_driver_present", "tune_graph_optimizer", "BENIGN",
+def machine_info() -> dict:
+    """What a benchmark records of the machine it ran on: CPU model, cores, the instruction
+    sets that change timings (AVX2, AVX512-BF16 / AMX), platform, Python, load average, and
+    TensorFlow / Keras versions and GPUs when TensorFlow is already imported (never imported here)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:
+        cpuinfo = ""
+    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    info = {"cpu": model.group(1).strip() if model else (platform.processor() or platform.machine()),
+            "cores": os.cpu_count(), "avx2": " avx2" in cpuinfo,
+            "avx512_bf16": "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        info["tensorflow"] = tf.__version__
+        info["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        info["keras"] = keras.__version__
+    return info
+
+
+__all__ = ["process_started", "machine_info", "quiet_tensorflow", "filter_startup_lines", "nvidia_driver_present", "tune_graph_optimizer", "BENIGN",
            "CPU_GRAPPLER_OFF"]

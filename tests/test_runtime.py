@@ -34,3 +34,17 @@ def test_cpu_only_start_prints_no_cuda_probe_lines():
     loud = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**env, "BTMTL_TF_VERBOSE": "1"}, timeout=120)
     assert "cuInit" in loud.stderr or "cuda" in loud.stderr.lower()  # what the quiet start hides
+
+
+def test_machine_info_names_the_cpu_without_importing_tensorflow():
+    code = ("import sys, json; from src.runtime import machine_info; m = machine_info()\n"
+            "print(json.dumps({'m': m, 'tf': 'tensorflow' in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    import json
+
+    got = json.loads(out.stdout)
+    assert got["tf"] is False  # a benchmark's bookkeeping never pays TensorFlow's start-up
+    m = got["m"]
+    assert isinstance(m["cpu"], str) and m["cpu"]
+    assert m["cores"] >= 1 and isinstance(m["avx2"], bool) and isinstance(m["avx512_bf16"], bool)
+    assert "tensorflow" not in m and "gpus" not in m  # only recorded when TensorFlow is already loaded
