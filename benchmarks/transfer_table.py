@@ -126,6 +126,34 @@ def _fmt(v, digits=3):
     return str(v)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an existing ``transfer_table.csv``, numbers as numbers (``[]`` without one)."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            for k, v in r.items():
+                if k in ("backbone", "weights", "run") or v in (None, ""):
+                    r[k] = v or None
+                else:
+                    f = float(v)
+                    r[k] = int(f) if f.is_integer() and k in ("params", "test_images", "image_size", "epochs",
+                                                               "train_s") else f
+            rows.append(r)
+    return rows
+
+
+def merge_kept(kept: list[dict], new: list[dict], size: int, epochs: int, pretrained: bool) -> list[dict]:
+    """``--keep``: the kept rows of other backbones measured at the same size and epochs, both
+    pretrained or both not, then the new rows, in the table's backbone order."""
+    names = {r["backbone"] for r in new}
+    same = [r for r in kept if r["backbone"] not in names and r.get("image_size") == size
+            and r.get("epochs") == epochs and (r.get("weights") not in (None, "null")) == pretrained]
+    order = {b: i for i, b in enumerate(BACKBONES)}
+    return sorted(same + new, key=lambda r: order.get(r["backbone"], len(order)))
+
+
 def write(rows: list[dict], out: Path, note: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "transfer_table.csv", "w", newline="") as fh:
@@ -156,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the CSV and markdown go")
     p.add_argument("--output-root", default=str(ROOT / "outputs"), help="where the training runs go")
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run (e.g. data.root=...)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the other backbones' rows of the existing CSV (same size, epochs and weights)")
     a = p.parse_args(argv)
     gpu = has_gpu()
     cpu = machine_info()
@@ -178,6 +208,10 @@ def main(argv=None) -> int:
     log = out_root / "transfer_table.log"
     out_root.mkdir(parents=True, exist_ok=True)
     print(note, f"\nlog: {log}", flush=True)
+    kept = read_rows(out / "transfer_table.csv") if a.keep else []
+    pretrained = a.weights != "null" or bool(a.weights_dir)
+    if kept:
+        note += " Rows of other backbones come from earlier runs with the same settings (`--keep`; see the CSV)."
     rows = []
     for name in a.backbones:
         try:
@@ -185,7 +219,8 @@ def main(argv=None) -> int:
         except (RuntimeError, OSError, KeyError, ValueError) as e:
             print(f"{name}: {e}", file=sys.stderr)
             rows.append({"backbone": name, "error": str(e).splitlines()[0]})
-        write(rows, out, note)  # after every row: a long table can be read while it runs
+        # after every row: a long table can be read while it runs
+        write(merge_kept(kept, rows, a.size, a.epochs, pretrained), out, note)
         print(json.dumps(rows[-1], default=str), flush=True)
     print(f"wrote {out / 'transfer_table.csv'} and {out / 'transfer_table.md'}")
     return 0 if all("error" not in r for r in rows) else 1

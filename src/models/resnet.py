@@ -13,6 +13,9 @@ rule, the feature levels and Grad-CAM layer paths read the same as for ``resnet5
 for stages ``S`` = 2..5 and blocks ``B`` from 1. Padding is explicit (``ZeroPadding2D`` +
 ``valid``), as PyTorch pads, so a converted checkpoint gives the same numbers;
 BatchNormalization uses PyTorch's epsilon (1e-5) and momentum 0.9 (PyTorch's 0.1).
+ResNeXt's grouped 3 x 3 convolutions are :class:`~src.models.layers.GroupedConv2D`: the
+weights of ``Conv2D(groups=32)``, computed group by group on a CPU, where TensorFlow's own
+grouped kernel is about 100x slower (``benchmarks/bench_grouped_conv.py``).
 The builders return the network without its classification top on the given input.
 """
 from __future__ import annotations
