@@ -71,3 +71,24 @@ def test_grouped_conv_survives_save_and_load(tmp_path):
     back = keras.saving.load_model(tmp_path / "m.keras")
     assert isinstance(back.get_layer("g"), GroupedConv2D) and back.get_layer("g").groups == 4
     np.testing.assert_allclose(back.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_grouped_conv_runs_one_ordinary_convolution_per_group_on_a_cpu():
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("a GPU is visible: the layer calls the native grouped kernel there")
+    layer = GroupedConv2D(16, 3, padding="same", groups=4, use_bias=False)
+    layer.build((None, 8, 8, 8))
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec((1, 8, 8, 8), tf.float32)).graph
+    convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
+    # 4 convolutions over 2 channels each, not one grouped op (TensorFlow's slow CPU kernel)
+    assert len(convs) == 4 and all(op.inputs[1].shape[2] == 2 for op in convs)
+
+
+def test_resnext_uses_the_grouped_layer():
+    from src.models.backbones import create_backbone
+
+    bb = create_backbone("resnext50", (32, 32, 3), weights=None)
+    layer = bb.get_layer("conv2_block1_2_conv")
+    assert isinstance(layer, GroupedConv2D) and layer.groups == 32
